@@ -1,0 +1,614 @@
+// Hopper (sm_90a) MLA paged-decode kernel: TMA page loads, wgmma tensor-core math.
+//
+// Contract: csrc/mla_params.h. Grid (ceil(rows_per_kv / 64), h_kv, num_sm_parts); each CTA owns
+// one 64-row query tile of one KV head and walks the (sequence, page range) list of its
+// scheduler partition. 256 threads = two warpgroups (WG0, WG1), both consumers.
+//
+// Per sequence:
+//   Q tile (64 x 576) -> smem with ordinary loads, stored 128B-swizzled (9 boxes of 64 cols).
+// Per page k of the CTA's flat page stream (pages of all its sequences, in order):
+//   stage = k % 2, the TMA destination of that page; 9 mbarriers per stage, one per 64-column
+//   box, so S can start on box 0 while boxes 1..8 are still landing.
+//   Split-S mode (default, traits.h kSplitS): warpgroup w computes S for tokens 32w..32w+31
+//   (wgmma m64n32k16 x 36, Q and K both K-major in smem), writes its half-row maxima to smem
+//   [barrier X], takes the max of both halves (identical in both warpgroups), runs the fp32
+//   online softmax on its half (exp2, scale folded in), writes its half of P (16-bit, swizzled
+//   like a TMA box) to smem [fence.proxy.async, barrier Y], and accumulates its 256 columns of
+//   O += P V with wgmma m64n256k16, A = P from smem, B = V = the first 512 columns of the same
+//   smem K tile read as an MN-major operand (no second load). Row sums stay per half and are
+//   added once in the epilogue.
+//   Redundant-S mode (-DJFM_HOPPER_REDUNDANT_S): both warpgroups compute the whole S
+//   (m64n64k16) and P V takes P from registers; no cross-warpgroup exchange at all.
+//   After a warpgroup's P V has completed, its leader thread counts a release of the stage; the
+//   second release (either warpgroup's leader) issues the TMA of page k + 2 into that stage.
+//
+// Pipeline ordering and synchronisation (who waits for what):
+//   * full barrier [stage][box], count 1: the issuing leader arrives with expect_tx(8192) and
+//     the TMA completes the transactions; consumers wait with parity (k / 2) & 1 (k-th page
+//     is the (k/2)-th use of its stage). A page whose block-table entry is out of range is not
+//     loaded: the leader arrives without tx, and the consumers skip its math.
+//   * release counter [stage] (smem u32, atomicAdd): both warpgroups add 1 after finishing page
+//     k; the one that sees an odd old value is second and issues page k + 2. A stage is thus
+//     re-armed only after both consumers passed its wait, so a barrier never runs a phase
+//     ahead of a waiter.
+//   * a warpgroup-wide named barrier (id 1 + wg) precedes the release, so every thread's wgmma
+//     reads of the stage have completed (each thread did wgmma.wait_group 0) and the tail
+//     zeroing stores are done.
+//   * split-S barriers X and Y (named barrier 3, all 256 threads), once each per loaded page:
+//     X orders the row-max writes before the reads; Y orders the P stores (and the V tail
+//     zeros) before both warpgroups' P V wgmmas. Reuse: a warpgroup reaches X of page k + 1
+//     only after its P V of page k completed, so P / row maxima are never overwritten while
+//     still read; a single buffer of each suffices.
+//   * tail zeroing: on the page holding the sequence end, tokens past the end are garbage
+//     (NaN in tests) and 0 * NaN = NaN in P V, so each warpgroup zeroes those rows of its own
+//     four V boxes after its S is done, then fence.proxy.async (generic -> async proxy) and a
+//     barrier (Y, or its warpgroup barrier) before its P V. The other warpgroup may read those
+//     rows for its S concurrently; it masks them, so either value is harmless.
+//   * Q: __syncthreads before overwriting Q (both warpgroups' S wgmmas on the old Q have
+//     completed), then stores, fence.proxy.async, __syncthreads before the first wgmma.
+//
+// Shared memory: Q 72 KB + 2 x 72 KB K stages + P 8 KB + row max / sums 1 KB + barriers
+// = 230,552 B (+1 KB alignment slack = 231,576 B of the 232,448 B limit).
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "mla_params.h"
+#include "barrier.h"
+#include "tma.h"
+#include "traits.h"
+#include "wgmma.h"
+
+namespace jax_flashmla {
+namespace hopper {
+
+// One scheduler partition (see SchedulerField in mla_params.h).
+struct Partition {
+  int begin_seq;
+  int begin_token;
+  int end_seq;
+  int end_token;
+  int begin_split;
+};
+
+__device__ __forceinline__ int clamped_len(const MlaDecodeParams& p, int s) {
+  const int len = __ldg(p.seqlens + s);
+  return min(max(len, 0), p.max_pages_per_seq * kPageSize);
+}
+
+// Token range [lo, hi) of sequence s inside the partition. hi is additionally clamped to the
+// sequence's clamped length so that no page beyond the block table's capacity is ever touched.
+__device__ __forceinline__ int seq_lo(const Partition& pt, int s) {
+  return s == pt.begin_seq ? pt.begin_token : 0;
+}
+__device__ __forceinline__ int seq_hi(const MlaDecodeParams& p, const Partition& pt, int s) {
+  const int len = clamped_len(p, s);
+  return s == pt.end_seq ? min(pt.end_token, len) : len;
+}
+
+// Position of the next page to load in the CTA's flat page stream. Kept (identically) by the
+// two leader threads, tid 0 and tid 128.
+struct LoadCursor {
+  int seq;
+  int page;
+  int page_end;
+};
+
+// Skips sequences with no page left; afterwards page < page_end iff a page remains.
+__device__ __forceinline__ void cursor_settle(LoadCursor& c, const MlaDecodeParams& p,
+                                              const Partition& pt) {
+  while (c.page >= c.page_end && c.seq < pt.end_seq) {
+    ++c.seq;
+    c.page = 0;  // seq_lo of a sequence after begin_seq
+    c.page_end = (seq_hi(p, pt, c.seq) + kPageSize - 1) / kPageSize;
+  }
+}
+
+// Arms the 9 full barriers of `stage` and issues the 9 box loads of the cursor's page. A page
+// whose block-table entry lies outside [0, num_pages) is never read: plain arrivals complete
+// the phase and the consumers see the same entry and skip the page's math.
+__device__ __forceinline__ void issue_page_load(const CUtensorMap* map, const MlaDecodeParams& p,
+                                                const LoadCursor& c, int stage, uint32_t k_addr,
+                                                uint32_t bar_addr, int kvh, uint64_t policy) {
+  const int row =
+      __ldg(p.block_table + static_cast<size_t>(c.seq) * p.max_pages_per_seq + c.page);
+  const bool ok = row >= 0 && row < p.num_pages;
+  const uint32_t dst = k_addr + stage * kTileBytes;
+  const uint32_t bars = bar_addr + stage * kNumBoxesQK * 8;
+#pragma unroll
+  for (int box = 0; box < kNumBoxesQK; ++box) {
+    if (ok) {
+      mbar_arrive_expect_tx(bars + box * 8, kBoxBytes);
+      tma_load_4d(dst + box * kBoxBytes, map, bars + box * 8, box * kBoxCols, kvh, 0, row, policy);
+    } else {
+      mbar_arrive(bars + box * 8);
+    }
+  }
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));  // ex2(-inf) = +0
+  return y;
+}
+
+template <bool kBf16>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (kBf16) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+// Loads the 64 x 576 Q tile of (sequence s, KV head kvh, tile_m) into smem, 128B-swizzled like
+// a TMA box: element (r, c) at box c/64, byte r*128 + ((c%64/8) ^ (r%8))*16 + (c%8)*2. Rows
+// past rows_per_kv are zero (their S rows are never written out).
+__device__ __forceinline__ void load_q_tile(const MlaDecodeParams& p, int s, int kvh, int tile_m,
+                                            uint8_t* smem_q, int tid) {
+  constexpr int kChunksPerRow = kHeadDimQK / 8;                // 72 16-byte chunks
+  constexpr int kChunks = kBlockM * kChunksPerRow;             // 4608
+  constexpr int kIters = kChunks / kThreads;                   // 18
+  static_assert(kChunks % kThreads == 0, "Q tile chunks must divide evenly");
+  const uint4* q = reinterpret_cast<const uint4*>(p.q);
+#pragma unroll 6
+  for (int it = 0; it < kIters; ++it) {
+    const int idx = tid + it * kThreads;
+    const int r = idx / kChunksPerRow;
+    const int c8 = idx - r * kChunksPerRow;
+    const int row = tile_m * kBlockM + r;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (row < p.rows_per_kv) {
+      const int tq = row / p.heads_per_kv;
+      const int hh = row - tq * p.heads_per_kv;
+      const size_t q_row =
+          (static_cast<size_t>(s) * p.seqlen_q + tq) * p.num_heads_q + kvh * p.heads_per_kv + hh;
+      v = __ldg(q + q_row * kChunksPerRow + c8);
+    }
+    const int box = c8 >> 3;
+    const int ch = c8 & 7;
+    *reinterpret_cast<uint4*>(smem_q + box * kBoxBytes + r * 128 + ((ch ^ (r & 7)) << 4)) = v;
+  }
+}
+
+template <bool kBf16>
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_hopper_kernel(const __grid_constant__ CUtensorMap kv_map,
+                             const __grid_constant__ MlaDecodeParams p) {
+  using Elem = std::conditional_t<kBf16, __nv_bfloat16, __half>;
+  using Mma = Wgmma<kBf16>;
+
+  const int tid = threadIdx.x;
+  const int wg = tid / kWarpgroupThreads;   // 0 or 1: which 256 output columns
+  const int wtid = tid % kWarpgroupThreads;
+  const int warp = wtid / 32;               // warp within the warpgroup: rows 16*warp..+15
+  const int lane = tid % 32;
+  const int g = lane / 4;                   // accumulator row within the warp's 16 (and +8)
+  const int q4 = lane % 4;                  // accumulator column pair within each 8-col chunk
+  const int tile_m = blockIdx.x;
+  const int kvh = blockIdx.y;
+  const int part = blockIdx.z;
+
+  const int32_t* md = p.sched_metadata + part * kSchedulerMetadataSize;
+  Partition pt;
+  pt.begin_seq = md[kBeginSeq];
+  pt.begin_token = md[kBeginToken];
+  pt.end_seq = min(md[kEndSeq], p.batch - 1);
+  pt.end_token = md[kEndToken];
+  pt.begin_split = md[kBeginSplitIndex];
+  if (pt.begin_seq >= p.batch || pt.begin_seq > pt.end_seq) return;  // uniform: no work
+
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw_addr = smem_addr(smem_raw);
+  const uint32_t base_addr = (raw_addr + kSmemAlign - 1) & ~static_cast<uint32_t>(kSmemAlign - 1);
+  uint8_t* smem = smem_raw + (base_addr - raw_addr);
+  const uint32_t q_addr = base_addr + kSmemQ;
+  const uint32_t k_addr = base_addr + kSmemK;
+  const uint32_t bar_addr = base_addr + kSmemBar;
+  uint32_t* release = reinterpret_cast<uint32_t*>(smem + kSmemRelease);
+
+  if (tid == 0) {
+    prefetch_tensor_map(&kv_map);
+#pragma unroll
+    for (int i = 0; i < kNumKStages * kNumBoxesQK; ++i) mbar_init(bar_addr + i * 8, 1);
+    release[0] = 0;
+    release[1] = 0;
+    mbar_init_fence();
+  }
+  __syncthreads();  // barriers initialised and visible before anyone arrives or waits
+
+  // ---- producer state (leader threads only) and prologue: pages 0 and 1 -> stages 0, 1 ----
+  const bool leader = wtid == 0;
+  LoadCursor cur{0, 0, 0};
+  uint64_t policy = 0;
+  if (leader) {
+    // Evict-first when this CTA is the only reader of its pages; with several 64-row query
+    // tiles per KV head (gridDim.x > 1) the sibling CTAs read the same pages at about the same
+    // time, so leave those lines at normal priority for them to hit in L2.
+    policy = gridDim.x == 1 ? l2_policy_evict_first() : l2_policy_evict_normal();
+    cur.seq = pt.begin_seq;
+    cur.page = seq_lo(pt, cur.seq) / kPageSize;
+    cur.page_end = (seq_hi(p, pt, cur.seq) + kPageSize - 1) / kPageSize;
+    cursor_settle(cur, p, pt);
+#pragma unroll
+    for (int st = 0; st < kNumKStages; ++st) {
+      if (cur.page < cur.page_end) {
+        if (wg == 0) issue_page_load(&kv_map, p, cur, st, k_addr, bar_addr, kvh, policy);
+        ++cur.page;
+        cursor_settle(cur, p, pt);
+      }
+    }
+  }
+
+  // ---- per-thread row bookkeeping (accumulator rows r = 16*warp + g + 8*i, i = 0, 1) ----
+  int row_in_kv[2];  // row index among the KV head's rows_per_kv query rows
+  int t_q[2];        // query token of the row
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row_in_kv[i] = tile_m * kBlockM + warp * 16 + g + 8 * i;
+    t_q[i] = row_in_kv[i] / p.heads_per_kv;
+  }
+  const bool causal = p.causal && p.seqlen_q > 1;
+  const float scale_log2 = p.scale_log2;
+  const int cap = p.max_pages_per_seq * kPageSize;
+
+  const uint64_t desc_q = make_smem_desc(q_addr, 16, 1024);
+
+  int k = 0;  // index of the current page in the CTA's flat page stream
+  for (int s = pt.begin_seq; s <= pt.end_seq; ++s) {
+    const int len_raw = __ldg(p.seqlens + s);
+    const bool malformed = len_raw < 0 || len_raw > cap;
+    const int len = min(max(len_raw, 0), cap);
+    const int lo = seq_lo(pt, s);
+    const int hi = s == pt.end_seq ? min(pt.end_token, len) : len;
+    // Exclusive key limit of each row: tokens [lo, lim) are visible (hi bounds the piece; the
+    // causal bound is bottom-right aligned). tile_lim lower-bounds lim over all rows.
+    int lim[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) lim[i] = causal ? min(hi, len - p.seqlen_q + 1 + t_q[i]) : hi;
+    const int tile_lim = causal ? min(hi, len - p.seqlen_q + 1) : hi;
+
+    // Q of this sequence. (a) both warpgroups finished their S wgmmas on the previous Q.
+    __syncthreads();
+    load_q_tile(p, s, kvh, tile_m, smem + kSmemQ, tid);
+    fence_proxy_async_smem();  // generic stores -> visible to wgmma (async proxy) ...
+    __syncthreads();           // ... of every thread, after this barrier
+
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY};  // running max of raw scores (unscaled)
+    float l_run[2] = {0.f, 0.f};              // this thread's partial row sums (own 16 cols)
+    bool poisoned[2] = {false, false};        // row saw a token of an unreadable page
+
+    const int page_begin = lo / kPageSize;
+    const int page_end = (hi + kPageSize - 1) / kPageSize;
+    for (int page = page_begin; page < page_end; ++page, ++k) {
+      const int stage = k & 1;
+      const uint32_t parity = (k >> 1) & 1;
+      const uint32_t kst = k_addr + stage * kTileBytes;
+      const uint32_t bars = bar_addr + stage * kNumBoxesQK * 8;
+      const int bt_row =
+          __ldg(p.block_table + static_cast<size_t>(s) * p.max_pages_per_seq + page);
+      const bool page_ok = bt_row >= 0 && bt_row < p.num_pages;
+      const int base = page * kPageSize;  // first token of the page
+
+      if (page_ok) {
+        // Columns (tokens) of S this warpgroup computes: all 64, or its half in split-S mode.
+        constexpr int kSCols = kSplitS ? kBlockN / 2 : kBlockN;
+        constexpr int kSChunks = kSCols / 8;  // 8-column accumulator chunks
+        const int col0 = kSplitS ? wg * kSCols : 0;
+
+        // ---- S = Q K^T (k = 576): 9 boxes x 4 k16-steps, each box once its TMA landed ----
+        // B = token rows col0..col0+kSCols-1 of each K box (row r at r*128 bytes; col0*128 is a
+        // multiple of 1024, so the swizzle phase is unchanged).
+        float sacc[kSCols / 2];
+#pragma unroll
+        for (int i = 0; i < kSCols / 2; ++i) sacc[i] = 0.f;
+        const uint64_t desc_k = make_smem_desc(kst + col0 * 128, 16, 1024);
+        fence_regs(sacc);
+#pragma unroll
+        for (int box = 0; box < kNumBoxesQK; ++box) {
+          mbar_wait(bars + box * 8, parity);
+          // The wait is a loop (control flow) between wgmmas: fence here, as ptxas would
+          // otherwise inject it itself (C7519); the first one also orders the sacc writes.
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {
+            const uint32_t off = box * kBoxBytes + kk * 32;
+            if constexpr (kSplitS) {
+              Mma::qk32(sacc, desc_advance(desc_q, off), desc_advance(desc_k, off),
+                        (box | kk) != 0 ? 1 : 0);
+            } else {
+              Mma::qk64(sacc, desc_advance(desc_q, off), desc_advance(desc_k, off),
+                        (box | kk) != 0 ? 1 : 0);
+            }
+          }
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(sacc);
+
+        // ---- zero V rows past the sequence end (own V boxes only) before P V reads them ----
+        // Made visible to this warpgroup's P V by fence.proxy.async + the barrier that
+        // precedes P V (the CTA barrier "Y" in split-S mode, a warpgroup barrier otherwise).
+        const bool tail = base + kPageSize > hi;
+        if (tail) {
+          const int first = hi - base;  // 0 < first < 64 here
+          uint8_t* vbase =
+              smem + kSmemK + stage * kTileBytes + wg * kBoxesPerWarpgroupV * kBoxBytes;
+#pragma unroll
+          for (int it = 0; it < (kBoxesPerWarpgroupV * kBlockN * 8) / kWarpgroupThreads; ++it) {
+            const int idx = wtid + it * kWarpgroupThreads;
+            const int box = idx >> 9;         // 512 16-byte chunks per box
+            const int row = (idx >> 3) & 63;  // 8 chunks per 128-byte row
+            const int ch = idx & 7;
+            if (row >= first)
+              *reinterpret_cast<uint4*>(vbase + box * kBoxBytes + row * 128 + ch * 16) =
+                  make_uint4(0u, 0u, 0u, 0u);
+          }
+          fence_proxy_async_smem();
+        }
+
+        // ---- masking (only on pages that reach past some row's limit) ----
+        if (base + kPageSize > tile_lim) {
+#pragma unroll
+          for (int j = 0; j < kSChunks; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int col = base + col0 + 8 * j + 2 * q4 + (e & 1);
+              if (col >= lim[e >> 1]) sacc[4 * j + e] = -INFINITY;
+            }
+          }
+        }
+
+        // ---- online softmax (fp32, exp2 with the scale folded in) ----
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < kSChunks; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], sacc[4 * j + e]);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {  // the 4 threads of a quad hold the row's columns
+          mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+          mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+        }
+        if constexpr (kSplitS) {
+          // Exchange the half-row maxima. Barrier X: both halves written. Reuse hazard: the
+          // next page's writes happen after barrier Y of this page, i.e. after both reads.
+          float* row_max = reinterpret_cast<float*>(smem + kSmemRowMax);
+          if (q4 == 0) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) row_max[wg * kBlockM + warp * 16 + g + 8 * i] = mx[i];
+          }
+          named_barrier_sync(kCtaBarrierId, kThreads);  // X
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+            mx[i] = fmaxf(mx[i], row_max[(wg ^ 1) * kBlockM + warp * 16 + g + 8 * i]);
+        }
+        float alpha[2];
+        float msub[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const float m_new = fmaxf(m_run[i], mx[i]);
+          // A row with no visible key so far keeps m = -inf; subtract 0 then so that
+          // exp2(-inf - (-inf)) never happens: masked scores give exp2(-inf) = 0.
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;
+          alpha[i] = fast_exp2((m_run[i] - m_use) * scale_log2);  // m_run = -inf -> 0
+          m_run[i] = m_new;
+          msub[i] = m_use * scale_log2;
+        }
+        float rsum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int j = 0; j < kSChunks; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float pv = fast_exp2(fmaf(sacc[4 * j + e], scale_log2, -msub[e >> 1]));
+            sacc[4 * j + e] = pv;
+            rsum[e >> 1] += pv;
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rsum[i];
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[4 * j + e] *= alpha[e >> 1];
+        }
+
+        const uint32_t v_addr = kst + wg * kBoxesPerWarpgroupV * kBoxBytes;
+        if constexpr (kSplitS) {
+          // ---- P (16-bit) -> smem tile, K-major and 128B-swizzled like a TMA box: element
+          // (r, c) at r*128 + ((c/8) ^ (r%8))*16 + (c%8)*2. Each thread stores column pairs;
+          // within a warp the 8 rows hit 8 distinct 16-byte slots: conflict-free.
+          uint8_t* p_tile = smem + kSmemP;
+#pragma unroll
+          for (int j = 0; j < kSChunks; ++j) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const int r = warp * 16 + g + 8 * i;
+              const int chunk = (col0 >> 3) + j;
+              *reinterpret_cast<uint32_t*>(p_tile + r * 128 + ((chunk ^ (r & 7)) << 4) + q4 * 4) =
+                  pack2<kBf16>(sacc[4 * j + 2 * i], sacc[4 * j + 2 * i + 1]);
+            }
+          }
+          fence_proxy_async_smem();                     // P (and V tail zeros) -> async proxy
+          named_barrier_sync(kCtaBarrierId, kThreads);  // Y: both halves of P are in smem
+
+          // ---- O[:, 256*wg .. +255] += P V, A = P from smem (K-major, +32 B per k-step) ----
+          const uint64_t desc_p = make_smem_desc(base_addr + kSmemP, 16, 1024);
+          wgmma_fence();  // o was rescaled by ordinary instructions
+          fence_regs(o);
+#pragma unroll
+          for (int s2 = 0; s2 < 4; ++s2) {
+#ifndef JFM_HOPPER_PV_N64
+            // One m64n256k16: 4 boxes along N (LBO = 8192), tokens 16*s2.. (2048 B per step).
+            Mma::pv256_ss(o, desc_advance(desc_p, s2 * 32),
+                          make_smem_desc(v_addr + s2 * 2048, kBoxBytes, 1024));
+#else
+#pragma unroll
+            for (int b4 = 0; b4 < kBoxesPerWarpgroupV; ++b4)
+              Mma::pv64_ss(*reinterpret_cast<float(*)[32]>(o + 32 * b4),
+                           desc_advance(desc_p, s2 * 32),
+                           make_smem_desc(v_addr + b4 * kBoxBytes + s2 * 2048, kBoxBytes, 1024));
+#endif
+          }
+        } else {
+          // ---- P (16-bit A fragments): k-step s2 uses S columns 16*s2..16*s2+15 ----
+          uint32_t pfrag[4][4];
+#pragma unroll
+          for (int s2 = 0; s2 < 4; ++s2) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              pfrag[s2][i] = pack2<kBf16>(sacc[8 * s2 + 2 * i], sacc[8 * s2 + 2 * i + 1]);
+          }
+          if (tail) named_barrier_sync(1 + wg, kWarpgroupThreads);  // V tail zeros stored
+
+          // ---- O[:, 256*wg .. +255] += P V, A = P from registers ----
+          wgmma_fence();  // o and pfrag were written by ordinary instructions
+          fence_regs(o);
+#pragma unroll
+          for (int s2 = 0; s2 < 4; ++s2) {
+#ifndef JFM_HOPPER_PV_N64
+            Mma::pv256_rs(o, pfrag[s2], make_smem_desc(v_addr + s2 * 2048, kBoxBytes, 1024));
+#else
+#pragma unroll
+            for (int b4 = 0; b4 < kBoxesPerWarpgroupV; ++b4)
+              Mma::pv64_rs(*reinterpret_cast<float(*)[32]>(o + 32 * b4), pfrag[s2],
+                           make_smem_desc(v_addr + b4 * kBoxBytes + s2 * 2048, kBoxBytes, 1024));
+#endif
+          }
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(o);
+      } else {
+        // Unreadable page: complete our view of the stage's phase, skip the math, and poison
+        // every row that would have seen one of its tokens.
+#pragma unroll
+        for (int box = 0; box < kNumBoxesQK; ++box) mbar_wait(bars + box * 8, parity);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) poisoned[i] = poisoned[i] || base < lim[i];
+      }
+
+      // ---- release the stage; the second warpgroup to release it loads page k + 2 ----
+      named_barrier_sync(1 + wg, kWarpgroupThreads);  // all of this WG is done with the stage
+      if (leader) {
+        __threadfence_block();
+        const uint32_t old = atomicAdd(&release[stage], 1u);
+        if (cur.page < cur.page_end) {
+          if (old & 1u) {
+            __threadfence_block();
+            issue_page_load(&kv_map, p, cur, stage, k_addr, bar_addr, kvh, policy);
+          }
+          ++cur.page;
+          cursor_settle(cur, p, pt);
+        }
+      }
+    }
+
+    // ---- epilogue: normalise and write this sequence's piece ----
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+      l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
+    }
+    if constexpr (kSplitS) {
+      // Each warpgroup summed only its own 32 columns of every page (with identical rescale
+      // factors), so the row sum is the sum of the two. The buffer is rewritten only after
+      // the next sequence's __syncthreads, i.e. after both reads.
+      float* row_sum = reinterpret_cast<float*>(smem + kSmemRowSum);
+      if (q4 == 0) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) row_sum[wg * kBlockM + warp * 16 + g + 8 * i] = l_run[i];
+      }
+      named_barrier_sync(kCtaBarrierId, kThreads);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) l_run[i] += row_sum[(wg ^ 1) * kBlockM + warp * 16 + g + 8 * i];
+    }
+    const int split_begin = __ldg(p.num_splits + s);
+    const bool split = __ldg(p.num_splits + s + 1) - split_begin > 1;
+    const int slot = split_begin + (s == pt.begin_seq ? pt.begin_split : 0);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = row_in_kv[i];
+      if (row >= p.rows_per_kv) continue;
+      const bool nan_row = malformed || poisoned[i];
+      const float l = l_run[i];
+      float lse_val;
+      float inv;
+      if (nan_row) {
+        lse_val = NAN;
+        inv = NAN;
+      } else if (l > 0.f) {
+        lse_val = m_run[i] * p.softmax_scale + logf(l);
+        inv = 1.f / l;
+      } else {  // the row saw no key in this piece
+        lse_val = split ? -INFINITY : INFINITY;
+        inv = 0.f;
+      }
+      const int tq = t_q[i];
+      const int head = kvh * p.heads_per_kv + (row - tq * p.heads_per_kv);
+      if (!split) {
+        Elem* out_row = reinterpret_cast<Elem*>(p.out) +
+                        ((static_cast<size_t>(s) * p.seqlen_q + tq) * p.num_heads_q + head) *
+                            kHeadDimV +
+                        wg * kColsPerWarpgroup + 2 * q4;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          *reinterpret_cast<uint32_t*>(out_row + 8 * j) =
+              pack2<kBf16>(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+        }
+        if (wg == 0 && q4 == 0)
+          p.lse[(static_cast<size_t>(s) * p.num_heads_q + head) * p.seqlen_q + tq] = lse_val;
+      } else {
+        const size_t acc_row =
+            (static_cast<size_t>(slot) * p.num_heads_kv + kvh) * p.rows_per_kv + row;
+        float* acc = p.o_accum + acc_row * kHeadDimV + wg * kColsPerWarpgroup + 2 * q4;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          *reinterpret_cast<float2*>(acc + 8 * j) =
+              make_float2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+        }
+        if (wg == 0 && q4 == 0) p.lse_accum[acc_row] = lse_val;
+      }
+    }
+  }
+}
+
+}  // namespace hopper
+
+bool hopper_kernel_available() { return true; }
+
+cudaError_t launch_decode_hopper(const MlaDecodeParams& params, cudaStream_t stream) {
+  if (params.batch <= 0 || params.num_sm_parts <= 0 || params.rows_per_kv <= 0 ||
+      params.num_heads_kv <= 0) {
+    return cudaSuccess;  // nothing to compute
+  }
+  const bool bf16 = params.dtype == ElementType::kBFloat16;
+  CUtensorMap kv_map;
+  if (!hopper::make_kv_tensor_map(&kv_map, params.k_cache, params.q, params.num_pages,
+                                  params.num_heads_kv, bf16)) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid((params.rows_per_kv + hopper::kBlockM - 1) / hopper::kBlockM,
+                  params.num_heads_kv, params.num_sm_parts);
+  const dim3 block(hopper::kThreads);
+  auto kernel = bf16 ? hopper::mla_decode_hopper_kernel<true> : hopper::mla_decode_hopper_kernel<false>;
+  // Per-device attribute, host-side only (no stream work): safe under graph capture.
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         hopper::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, block, hopper::kSmemBytes, stream>>>(kv_map, params);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_flashmla

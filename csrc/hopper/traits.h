@@ -1,0 +1,59 @@
+// Tile configuration and shared-memory layout of the Hopper decode kernel.
+#pragma once
+
+#include <cstdint>
+
+#include "mla_params.h"
+
+namespace jax_flashmla {
+namespace hopper {
+
+constexpr int kThreads = 256;           // two consumer warpgroups, no separate producer
+constexpr int kWarpgroupThreads = 128;
+constexpr int kBlockM = kRowsPerQueryTile;  // 64 query rows per CTA
+constexpr int kBlockN = kPageSize;          // 64 tokens per page = per K tile
+constexpr int kBoxCols = 64;                // TMA box / swizzle atom width: 64 x 16-bit = 128 B
+constexpr int kNumBoxesQK = kHeadDimQK / kBoxCols;  // 9 boxes span the 576 columns
+constexpr int kNumBoxesV = kHeadDimV / kBoxCols;    // first 8 of them are V
+constexpr int kBoxesPerWarpgroupV = kNumBoxesV / 2;  // warpgroup w owns V boxes 4w..4w+3
+constexpr int kColsPerWarpgroup = kHeadDimV / 2;     // 256 output columns per warpgroup
+constexpr int kBoxBytes = kBlockN * kBoxCols * 2;    // 8192 (64 rows x 128 B)
+constexpr int kTileBytes = kNumBoxesQK * kBoxBytes;  // 73728: one 64 x 576 tile
+constexpr int kNumKStages = 2;                       // K/V page buffers (double buffering)
+
+// Shared memory (offsets from a 1024-aligned base; every box is 1024-aligned, as the 128B
+// swizzle atoms and the wgmma descriptors with base offset 0 require):
+//   [0, 73728)            Q tile, 9 boxes of 64 rows x 64 cols, 128B-swizzled
+//   [73728, 221184)       K stages 0 and 1, 9 boxes each (TMA destinations)
+//   [221184, 229376)      P tile (64 rows x 64 tokens, 16-bit, 128B-swizzled; split-S mode)
+//   [229376, +512)        row maxima [warpgroup][64] (fp32; split-S mode)
+//   [229888, +512)        row sums [warpgroup][64] (fp32; split-S mode)
+//   [230400, +144)        full barriers, [stage][box] (u64 each)
+//   [230544, +8)          release counters, one u32 per stage
+constexpr int kSmemQ = 0;
+constexpr int kSmemK = kSmemQ + kTileBytes;
+constexpr int kSmemP = kSmemK + kNumKStages * kTileBytes;
+constexpr int kSmemRowMax = kSmemP + kBoxBytes;
+constexpr int kSmemRowSum = kSmemRowMax + 2 * kBlockM * 4;
+constexpr int kSmemBar = kSmemRowSum + 2 * kBlockM * 4;
+constexpr int kSmemRelease = kSmemBar + kNumKStages * kNumBoxesQK * 8;
+constexpr int kSmemUsed = kSmemRelease + kNumKStages * 4;
+constexpr int kSmemAlign = 1024;
+constexpr int kSmemBytes = kSmemUsed + kSmemAlign;  // slack to align the dynamic base
+static_assert(kSmemBytes <= 227 * 1024, "exceeds the sm_90 per-block shared memory limit");
+static_assert(kSmemBar % 8 == 0, "mbarriers need 8-byte alignment");
+static_assert(kSmemP % 1024 == 0, "P tile must be 1024-aligned (swizzle atom)");
+
+// Split-S mode (default): warpgroup w computes S for tokens 32w..32w+31 only, the two exchange
+// row maxima and P through smem, and both run O += P V with P read from smem. Define
+// JFM_HOPPER_REDUNDANT_S for the simpler mode where both warpgroups compute the whole S
+// redundantly and feed P V from registers (no cross-warpgroup exchange at all).
+#ifdef JFM_HOPPER_REDUNDANT_S
+constexpr bool kSplitS = false;
+#else
+constexpr bool kSplitS = true;
+#endif
+constexpr int kCtaBarrierId = 3;  // named barrier over all 256 threads (split-S exchanges)
+
+}  // namespace hopper
+}  // namespace jax_flashmla

@@ -1,0 +1,19 @@
+"""jax_flashmla: paged Multi-head Latent Attention decode for JAX, on Hopper-class CUDA kernels.
+
+FlashMLA's API (``get_mla_metadata``, ``flash_mla_with_kvcache``) as jittable JAX primitives: XLA
+FFI custom calls on NVIDIA GPUs, an identical pure-JAX reference everywhere else.
+"""
+
+from jax_flashmla._extension import cuda_extension_available, hopper_kernel_available
+from jax_flashmla._reference import mla_decode_reference
+from jax_flashmla.api import flash_mla_with_kvcache, get_mla_metadata
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cuda_extension_available",
+    "flash_mla_with_kvcache",
+    "get_mla_metadata",
+    "hopper_kernel_available",
+    "mla_decode_reference",
+]

@@ -1,0 +1,66 @@
+"""Finds the compiled CUDA extension, checks it against the running jaxlib, registers its targets.
+
+The extension is optional: without it the package still works on the reference path. When it is
+present but was built against a newer jaxlib than the one running, XLA would fail later with an
+obscure "no registered implementation"; we refuse at import instead, with the fix.
+"""
+
+from __future__ import annotations
+
+import jax
+import jaxlib
+
+METADATA_TARGET = "jax_flashmla_mla_metadata_v1"
+DECODE_TARGET = "jax_flashmla_mla_decode_v1"
+
+BUILD_HINT = (
+    "Build it on a machine with the CUDA toolkit (nvcc 12.4+): `pip install --no-build-isolation "
+    ". ` from a checkout of jax_flashmla, with jax and jaxlib already installed. To run on the "
+    "pure-JAX reference path instead, pass implementation='reference'.")
+
+try:
+    from jax_flashmla import _jax_flashmla_cuda as _cuda
+except ImportError:  # installed without a CUDA compiler, or with the build switched off
+    _cuda = None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_jaxlib_compatibility(built_with: str, running: str) -> None:
+    """Raises ImportError unless ``running`` jaxlib can load handlers built against ``built_with``."""
+    if _version_tuple(running) < _version_tuple(built_with):
+        raise ImportError(
+            f"jax_flashmla's CUDA extension was built against jaxlib {built_with}, but jaxlib "
+            f"{running} is running. XLA's FFI is only forward compatible: rebuild jax_flashmla "
+            f"against jaxlib {running} (or older), or upgrade jaxlib. {BUILD_HINT}")
+
+
+def cuda_extension_available() -> bool:
+    """Whether the compiled CUDA kernels are installed (they still need a GPU to run)."""
+    return _cuda is not None
+
+
+def hopper_kernel_available() -> bool:
+    """Whether the installed extension contains the sm_90a (Hopper) kernel."""
+    return _cuda is not None and bool(_cuda.hopper_kernel_available())
+
+
+def missing_extension_message() -> str:
+    return ("jax_flashmla was installed without its CUDA extension, so its kernels cannot run "
+            f"on this GPU. {BUILD_HINT}")
+
+
+def _register_targets() -> None:
+    check_jaxlib_compatibility(_cuda.built_with_jaxlib, jaxlib.__version__)
+    for name, capsule in _cuda.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+
+
+if _cuda is not None:
+    _register_targets()
