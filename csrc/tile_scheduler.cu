@@ -3,8 +3,9 @@
 //
 // It runs on the device so that lengths never travel to the host (jit, CUDA graphs and
 // pipelining stay intact), once per decode step; every layer of that step reuses its output.
-// The walk over the batch is sequential and tiny (b + num_sm_parts steps), so one thread does it;
-// the prefix sum of pieces per sequence is written by the same thread on the way.
+// The walk over the batch is sequential and tiny (b + num_sm_parts steps), so one thread does it,
+// on lengths the whole block first stages in shared memory: the walk then never waits on a
+// global load. The prefix sum of pieces per sequence is written by the same thread on the way.
 //
 // jax_flashmla/_reference.py (tile_scheduler_reference) mirrors this loop step for step; the GPU
 // tests require both to give identical metadata.
@@ -14,6 +15,10 @@
 
 namespace jax_flashmla {
 namespace {
+
+constexpr int kSchedulerThreads = 256;
+static_assert(kMaxBatch * sizeof(int32_t) <= 48 * 1024,
+              "staged lengths must fit the default dynamic shared memory of a block");
 
 __device__ int scheduled_len(const int32_t* seqlens, int seq) {
   return min(max(seqlens[seq], 0), kMaxSeqlenK);
@@ -31,10 +36,13 @@ __device__ void write_row(int32_t* row, int begin_seq, int begin_token, int begi
   for (int field = kBeginSplitIndex + 1; field < kSchedulerMetadataSize; ++field) row[field] = 0;
 }
 
-__global__ void tile_scheduler_kernel(const int32_t* __restrict__ seqlens, int batch,
-                                      int num_sm_parts, int32_t* __restrict__ metadata,
-                                      int32_t* __restrict__ num_splits) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+__global__ void __launch_bounds__(kSchedulerThreads)
+tile_scheduler_kernel(const int32_t* __restrict__ global_seqlens, int batch, int num_sm_parts,
+                      int32_t* __restrict__ metadata, int32_t* __restrict__ num_splits) {
+  extern __shared__ int32_t seqlens[];  // [batch]
+  for (int seq = threadIdx.x; seq < batch; seq += blockDim.x) seqlens[seq] = global_seqlens[seq];
+  __syncthreads();
+  if (threadIdx.x != 0) return;
 
   int total = 0;
   for (int seq = 0; seq < batch; ++seq) {
@@ -97,8 +105,10 @@ __global__ void tile_scheduler_kernel(const int32_t* __restrict__ seqlens, int b
 cudaError_t launch_tile_scheduler(const int32_t* seqlens, int batch, int num_sm_parts,
                                   int32_t* sched_metadata, int32_t* num_splits,
                                   cudaStream_t stream) {
-  tile_scheduler_kernel<<<1, 32, 0, stream>>>(seqlens, batch, num_sm_parts, sched_metadata,
-                                              num_splits);
+  // batch <= kMaxBatch keeps the staged lengths within the default 48 KB of shared memory.
+  const size_t shared_bytes = static_cast<size_t>(batch) * sizeof(int32_t);
+  tile_scheduler_kernel<<<1, kSchedulerThreads, shared_bytes, stream>>>(
+      seqlens, batch, num_sm_parts, sched_metadata, num_splits);
   return cudaGetLastError();
 }
 

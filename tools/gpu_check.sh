@@ -30,7 +30,7 @@ run_tests() {  # name, time limit, pytest arguments...
   echo "exit $?"
   tail -4 "$logs/tests-$name.log"
 }
-run_tests portable "${PORTABLE_LIMIT:-200}" -m gpu -k "not hopper" -x
+run_tests portable "${PORTABLE_LIMIT:-200}" -m gpu -k "not hopper"
 run_tests hopper "${HOPPER_LIMIT:-200}" -m gpu -k "hopper"
 
 if [ "$#" -gt 0 ]; then
