@@ -1,23 +1,28 @@
 """Decode benchmark: our kernels against the pure-XLA reference, in the same process.
 
     python -m jax_flashmla.bench                 # GPU: the standard table; CPU: a small demo
-    python -m jax_flashmla.bench --table standard --markdown docs/benchmarks.md
-    python -m jax_flashmla.bench --batch 1 8 --seqlen 32768 --heads 128 --fixed
+    python -m jax_flashmla.bench --table standard small-batch long --markdown docs/benchmarks.md
+    python -m jax_flashmla.bench --table custom --batch 1 8 --seqlen 32768 --heads 128 --fixed
+    python -m jax_flashmla.bench --csv rows.csv --json rows.json --plot rows.png
 
 The standard table is DeepSeek's published decode benchmark (b = 128, h_kv = 1, bf16, causal,
 lengths ~ normal(s_k, s_k / 2) clipped to [s_q, 2 s_k], pool rows permuted). Times are device
 time per decode call (main kernel + combine, metadata precomputed): N calls run back to back
 inside one jitted program, and the difference between 2N and N calls, over N, cancels the
-dispatch cost. Outputs are checked against the reference before anything is timed.
+dispatch cost. Problems whose page pool would fit in L2 are replicated with fresh data and the
+calls rotate over the copies, so every call streams its cache from HBM. Outputs are checked
+against the reference before anything is timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import datetime
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -42,16 +47,29 @@ class Shape:
 
 @dataclasses.dataclass
 class Problem:
-    q: jax.Array
-    k_cache: jax.Array
-    block_table: jax.Array
     cache_seqlens: jax.Array
+    copies: list  # [(q, k_cache, block_table)], same lengths and layout, different data
     total_tokens: int
 
 
-def standard_shapes() -> list[Shape]:
-    return [Shape(128, seqlen_k, heads, seqlen_q)
-            for seqlen_k in (4096, 8192) for heads in (16, 32, 64, 128) for seqlen_q in (1, 2)]
+L2_BYTES = 50 * 2**20        # H100: 50 MB; pools below 4x this are replicated
+MAX_COPIES = 16
+
+TABLES = {
+    # DeepSeek's published decode benchmark (PERF.md).
+    "standard": [Shape(128, seqlen_k, heads, seqlen_q) for seqlen_k in (4096, 8192)
+                 for heads in (16, 32, 64, 128) for seqlen_q in (1, 2)],
+    # Latency-bound serving: few sequences, long contexts, fixed lengths.
+    "small-batch": [Shape(batch, seqlen_k, heads, 1, fixed=True)
+                    for batch, seqlen_k in ((1, 4096), (1, 32768), (1, 65536), (8, 4096),
+                                            (8, 32768), (8, 65536), (32, 32768))
+                    for heads in (16, 128)],
+    # Long contexts at full batch.
+    "long": [Shape(128, seqlen_k, 128, seqlen_q) for seqlen_k in (16384, 32768)
+             for seqlen_q in (1, 2)],
+    # Small enough for a CPU.
+    "demo": [Shape(4, 512, 16, 1), Shape(4, 512, 16, 2)],
+}
 
 
 def make_problem(shape: Shape, seed: int = 0) -> Problem:
@@ -62,33 +80,37 @@ def make_problem(shape: Shape, seed: int = 0) -> Problem:
         lengths = rng.normal(shape.seqlen_k, shape.seqlen_k / 2, shape.batch)
         lengths = np.clip(lengths, shape.seqlen_q, 2 * shape.seqlen_k).astype(np.int32)
     pages = (lengths + PAGE_SIZE - 1) // PAGE_SIZE
-    max_pages = int(pages.max())
     num_blocks = int(pages.sum())
-    rows = rng.permutation(num_blocks).astype(np.int32)
-    table = np.zeros((shape.batch, max_pages), np.int32)
-    start = 0
-    for seq, count in enumerate(pages):
-        table[seq, :count] = rows[start:start + count]
-        start += count
-    key = jax.random.key(seed)
-    k_key, q_key = jax.random.split(key)
-    k_cache = jax.random.normal(k_key, (num_blocks, PAGE_SIZE, 1, HEAD_DIM_QK), jnp.bfloat16)
-    q = jax.random.normal(q_key, (shape.batch, shape.seqlen_q, shape.heads_q, HEAD_DIM_QK),
-                          jnp.bfloat16)
-    return Problem(q, k_cache, jnp.asarray(table), jnp.asarray(lengths), int(lengths.sum()))
+    pool_bytes = num_blocks * PAGE_SIZE * HEAD_DIM_QK * 2
+    num_copies = int(min(max(math.ceil(4 * L2_BYTES / pool_bytes), 1), MAX_COPIES))
+    copies = []
+    for copy in range(num_copies):
+        rows = rng.permutation(num_blocks).astype(np.int32)
+        table = np.zeros((shape.batch, int(pages.max())), np.int32)
+        start = 0
+        for seq, count in enumerate(pages):
+            table[seq, :count] = rows[start:start + count]
+            start += count
+        k_key, q_key = jax.random.split(jax.random.key(seed * MAX_COPIES + copy))
+        k_cache = jax.random.normal(k_key, (num_blocks, PAGE_SIZE, 1, HEAD_DIM_QK), jnp.bfloat16)
+        q = jax.random.normal(q_key, (shape.batch, shape.seqlen_q, shape.heads_q, HEAD_DIM_QK),
+                              jnp.bfloat16)
+        copies.append((q, k_cache, jnp.asarray(table)))
+    return Problem(jnp.asarray(lengths), copies, int(lengths.sum()))
 
 
 def _chained_calls(op, calls: int):
-    """A jitted program running `op` `calls` times back to back.
+    """A jitted program running `op` `calls` times back to back, rotating over `rotating`.
 
-    `op(lengths, *rest)` returns arrays. Each call's lengths depend on the previous call's outputs
-    through an integer zero, so XLA can neither merge the identical calls (CSE) nor drop them.
+    `op(lengths, *shared, *rotating[i])` returns arrays. Each call's lengths depend on the previous
+    call's outputs through an integer zero, so XLA can neither merge identical calls (CSE) nor
+    drop them.
     """
 
     @jax.jit
-    def program(lengths, *rest):
-        for _ in range(calls):
-            outputs = op(lengths, *rest)
+    def program(lengths, shared, rotating):
+        for call in range(calls):
+            outputs = op(lengths, *shared, *rotating[call % len(rotating)])
             zero = sum(jnp.ravel(value)[0].astype(jnp.float32) for value in outputs) * 0
             lengths = lengths + zero.astype(jnp.int32)
         return lengths
@@ -96,24 +118,24 @@ def _chained_calls(op, calls: int):
     return program
 
 
-def device_time_per_call(op, args, calls: int, repeats: int = 5) -> float:
-    """Seconds per call of `op(*args)`: (t(2N) - t(N)) / N, median over repeats."""
+def device_time_per_call(op, lengths, shared, rotating, calls: int, repeats: int = 5) -> float:
+    """Seconds per call: (t(2N) - t(N)) / N, median over repeats."""
     short, long = _chained_calls(op, calls), _chained_calls(op, 2 * calls)
-    short(*args).block_until_ready()
-    long(*args).block_until_ready()
+    short(lengths, shared, rotating).block_until_ready()
+    long(lengths, shared, rotating).block_until_ready()
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        short(*args).block_until_ready()
+        short(lengths, shared, rotating).block_until_ready()
         middle = time.perf_counter()
-        long(*args).block_until_ready()
+        long(lengths, shared, rotating).block_until_ready()
         end = time.perf_counter()
         samples.append(((end - middle) - (middle - start)) / calls)
     return max(statistics.median(samples), 1e-9)
 
 
 def _decode_fn(implementation: str):
-    def decode(lengths, q, k_cache, table, metadata, splits):
+    def decode(lengths, metadata, splits, q, k_cache, table):
         return jax_flashmla.flash_mla_with_kvcache(q, k_cache, table, lengths, HEAD_DIM_V,
                                                    metadata, splits, causal=True,
                                                    implementation=implementation)
@@ -137,30 +159,41 @@ def max_abs_error(a, b) -> float:
     return float(np.max(np.abs(a[finite] - b[finite]), initial=0.0))
 
 
+def _out_of_memory(error: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error)
+
+
 def measure(shape: Shape, implementations: list[str], with_reference: bool, seed: int = 0):
     problem = make_problem(shape, seed)
     metadata, splits = jax.jit(jax_flashmla.get_mla_metadata, static_argnums=(1, 2))(
         problem.cache_seqlens, shape.seqlen_q * shape.heads_q, 1)
-    args = (problem.cache_seqlens, problem.q, problem.k_cache, problem.block_table, metadata,
-            splits)
+    lengths, shared = problem.cache_seqlens, (metadata, splits)
     row = {"batch": shape.batch, "seqlen_k": shape.seqlen_k, "heads_q": shape.heads_q,
-           "seqlen_q": shape.seqlen_q, "fixed": shape.fixed, "total_tokens": problem.total_tokens}
+           "seqlen_q": shape.seqlen_q, "fixed": shape.fixed, "total_tokens": problem.total_tokens,
+           "pool_copies": len(problem.copies)}
     reference_out = None
     if with_reference:
-        reference_out = jax.jit(_decode_fn("reference"))(*args)
-        row["xla_ms"] = device_time_per_call(_decode_fn("reference"), args, 3) * 1e3
+        try:
+            reference_out = jax.jit(_decode_fn("reference"))(lengths, *shared, *problem.copies[0])
+            row["xla_ms"] = device_time_per_call(_decode_fn("reference"), lengths, shared,
+                                                 problem.copies[:1], 3) * 1e3
+        except Exception as error:  # noqa: BLE001 - the XLA baseline may not fit in memory
+            if not _out_of_memory(error):
+                raise
+            reference_out, row["xla_ms"] = None, None
     for name in implementations:
-        out = jax.jit(_decode_fn(name))(*args)
+        out = jax.jit(_decode_fn(name))(lengths, *shared, *problem.copies[0])
         if reference_out is not None:
             row[f"{name}_max_abs_err_out"] = max_abs_error(out[0], reference_out[0])
             row[f"{name}_max_abs_err_lse"] = max_abs_error(out[1], reference_out[1])
-        rough = device_time_per_call(_decode_fn(name), args, 2, repeats=1)
+        rough = device_time_per_call(_decode_fn(name), lengths, shared, problem.copies, 2,
+                                     repeats=1)
         calls = int(min(max(20e-3 / rough, 5), 400))
-        seconds = device_time_per_call(_decode_fn(name), args, calls)
+        seconds = device_time_per_call(_decode_fn(name), lengths, shared, problem.copies, calls)
         row[f"{name}_ms"] = seconds * 1e3
         row[f"{name}_gbps"] = bytes_moved(shape, problem.total_tokens) / seconds / 1e9
         row[f"{name}_tflops"] = flops(shape, problem.total_tokens) / seconds / 1e12
-        if "xla_ms" in row:
+        if row.get("xla_ms"):
             row[f"{name}_speedup"] = row["xla_ms"] / row[f"{name}_ms"]
     return row
 
@@ -168,16 +201,17 @@ def measure(shape: Shape, implementations: list[str], with_reference: bool, seed
 def metadata_time_us(batch: int = 128) -> float:
     lengths = jnp.asarray(np.random.default_rng(0).integers(1, 8192, batch), jnp.int32)
     schedule = lambda lengths: jax_flashmla.get_mla_metadata(lengths, 128, 1)  # noqa: E731
-    return device_time_per_call(schedule, (lengths,), 50) * 1e6
+    return device_time_per_call(schedule, lengths, (), [()], 50) * 1e6
 
 
 def format_table(rows, implementations) -> str:
+    with_reference = any("xla_ms" in row for row in rows)
     header = ["b", "s_k", "h_q", "s_q"]
     for name in implementations:
         header += [f"{name} ms", "GB/s", "TFLOPS"]
-    if any("xla_ms" in row for row in rows):
+    if with_reference:
         header += ["XLA ref ms"] + [f"{name} ÷ XLA" for name in implementations]
-        header += [f"{name} max|Δout|" for name in implementations]
+        header += [f"{name} max abs err" for name in implementations]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [f"{row['batch']}{' fixed' if row['fixed'] else ''}", str(row["seqlen_k"]),
@@ -185,12 +219,59 @@ def format_table(rows, implementations) -> str:
         for name in implementations:
             cells += [f"{row[f'{name}_ms']:.4f}", f"{row[f'{name}_gbps']:.0f}",
                       f"{row[f'{name}_tflops']:.0f}"]
-        if "xla_ms" in row:
-            cells += [f"{row['xla_ms']:.3f}"]
-            cells += [f"{row[f'{name}_speedup']:.1f}×" for name in implementations]
-            cells += [f"{row[f'{name}_max_abs_err_out']:.2e}" for name in implementations]
+        if with_reference:
+            if row.get("xla_ms"):
+                cells += [f"{row['xla_ms']:.3f}"]
+                cells += [f"{row[f'{name}_speedup']:.1f}×" for name in implementations]
+                cells += [f"{row[f'{name}_max_abs_err_out']:.1e}" for name in implementations]
+            else:
+                cells += ["out of memory"] + ["—"] * (2 * len(implementations))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_csv(rows, path: str) -> None:
+    keys = sorted({key for row in rows for key in row}, key=lambda key: (key not in rows[0], key))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows, implementations, path: str, device: str) -> None:
+    """GB/s and TFLOPS against context length, per (h_q, s_q), ours against the XLA reference."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (bandwidth, compute) = plt.subplots(1, 2, figsize=(12, 4.5))
+    groups = sorted({(row["batch"], row["heads_q"], row["seqlen_q"]) for row in rows})
+    for batch, heads, seqlen_q in groups:
+        series = sorted((row for row in rows if (row["batch"], row["heads_q"], row["seqlen_q"])
+                         == (batch, heads, seqlen_q)), key=lambda row: row["seqlen_k"])
+        lengths = [row["seqlen_k"] for row in series]
+        label = f"b={batch} h_q={heads} s_q={seqlen_q}"
+        for name in implementations:
+            bandwidth.plot(lengths, [row[f"{name}_gbps"] for row in series], "o-",
+                           label=f"{name} {label}")
+            compute.plot(lengths, [row[f"{name}_tflops"] for row in series], "o-",
+                         label=f"{name} {label}")
+        with_xla = [row for row in series if row.get("xla_ms")]
+        if with_xla:
+            xla_bandwidth = [bytes_moved(Shape(row["batch"], row["seqlen_k"], row["heads_q"],
+                                               row["seqlen_q"]), row["total_tokens"])
+                             / row["xla_ms"] / 1e6 for row in with_xla]
+            bandwidth.plot([row["seqlen_k"] for row in with_xla], xla_bandwidth, "x--",
+                           label=f"XLA ref {label}")
+    for axis, unit in ((bandwidth, "GB/s"), (compute, "TFLOPS")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("mean context length s_k (tokens)")
+        axis.set_ylabel(unit)
+        axis.grid(alpha=0.3)
+    bandwidth.legend(fontsize=6)
+    figure.suptitle(f"jax_flashmla paged MLA decode — {device}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def describe_device() -> str:
@@ -199,6 +280,8 @@ def describe_device() -> str:
 
 
 def git_commit() -> str:
+    if os.environ.get("JAX_FLASHMLA_COMMIT"):
+        return os.environ["JAX_FLASHMLA_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
@@ -206,62 +289,78 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _progress(items, total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, total=total, unit="row", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", choices=("standard", "demo", "custom"), default=None,
-                        help="standard: PERF table (GPU default); demo: a small CPU-sized run "
-                             "(CPU default); custom: the shapes given by the flags below")
+    parser.add_argument("--table", nargs="+", choices=(*TABLES, "custom"), default=None,
+                        help="tables to run (default: standard on a GPU, demo elsewhere); "
+                             "custom: the shapes given by the flags below")
     parser.add_argument("--batch", type=int, nargs="+", default=[4])
     parser.add_argument("--seqlen", type=int, nargs="+", default=[1024])
     parser.add_argument("--heads", type=int, nargs="+", default=[16])
     parser.add_argument("--seqlen-q", type=int, nargs="+", default=[1])
     parser.add_argument("--fixed", action="store_true", help="every sequence has --seqlen tokens")
     parser.add_argument("--kernels", nargs="+", default=None,
-                        help="implementations to time (default: portable and hopper on GPU)")
+                        help="implementations to time (default: every kernel this GPU has)")
     parser.add_argument("--no-reference", action="store_true", help="skip the XLA reference")
     parser.add_argument("--markdown", help="append the table, card, date and commit to this file")
     parser.add_argument("--json", help="write the rows as JSON to this file")
+    parser.add_argument("--csv", help="write the rows as CSV to this file")
+    parser.add_argument("--plot", help="write a PNG plot of GB/s and TFLOPS to this file")
     args = parser.parse_args(argv)
 
     on_gpu = jax.devices()[0].platform == "gpu"
-    table = args.table or ("standard" if on_gpu else "demo")
-    if table == "standard":
-        shapes = standard_shapes()
-    elif table == "demo":
-        shapes = [Shape(4, 512, 16, 1), Shape(4, 512, 16, 2)]
-    else:
-        shapes = [Shape(b, s, h, q, args.fixed) for b in args.batch for s in args.seqlen
-                  for h in args.heads for q in args.seqlen_q]
+    tables = args.table or (["standard"] if on_gpu else ["demo"])
+    shapes = []
+    for table in tables:
+        if table == "custom":
+            shapes += [Shape(b, s, h, q, args.fixed) for b in args.batch for s in args.seqlen
+                       for h in args.heads for q in args.seqlen_q]
+        else:
+            shapes += TABLES[table]
     if args.kernels:
         implementations = args.kernels
     elif on_gpu and jax_flashmla.cuda_extension_available():
-        implementations = ["portable"] + (["hopper"] if jax_flashmla.hopper_kernel_available()
-                                          and jax.devices()[0].compute_capability == "9.0"
-                                          else [])
+        hopper = (jax_flashmla.hopper_kernel_available()
+                  and jax.devices()[0].compute_capability == "9.0")
+        implementations = ["portable"] + (["hopper"] if hopper else [])
     else:
         implementations = ["reference"]
     with_reference = not args.no_reference and implementations != ["reference"]
 
-    print(f"device: {describe_device()}; implementations: {', '.join(implementations)}",
-          flush=True)
+    device = describe_device()
+    print(f"device: {device}; implementations: {', '.join(implementations)}; "
+          f"tables: {', '.join(tables)}", flush=True)
     rows = []
-    for index, shape in enumerate(shapes, 1):
-        row = measure(shape, implementations, with_reference)
-        rows.append(row)
-        print(f"[{index}/{len(shapes)}] {shape}: " + ", ".join(
-            f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    progress = _progress(shapes, len(shapes))
+    log = getattr(progress, "write", lambda line: print(line, file=sys.stderr, flush=True))
+    for shape in progress:
+        rows.append(measure(shape, implementations, with_reference))
+        log(f"{shape}: " + ", ".join(f"{k}={v:.4g}" for k, v in rows[-1].items()
+                                     if isinstance(v, float)))
     text = format_table(rows, implementations)
     if on_gpu:
         text += f"\n\nmetadata kernel alone (b = 128): {metadata_time_us():.1f} µs"
     print(text)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"device": describe_device(), "rows": rows}, handle, indent=1)
+            json.dump({"device": device, "commit": git_commit(), "rows": rows}, handle, indent=1)
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.plot:
+        plot(rows, implementations, args.plot, device)
     if args.markdown:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         with open(args.markdown, "a") as handle:
-            handle.write(f"\n### {table} table — {describe_device()}, {stamp}, commit "
+            handle.write(f"\n### {' + '.join(tables)} — {device}, {stamp}, commit "
                          f"{git_commit()}, jax {jax.__version__}\n\n{text}\n")
     return 0
 
