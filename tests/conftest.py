@@ -15,10 +15,19 @@ def _cuda_ready() -> bool:
     return has_gpu and jax_flashmla.cuda_extension_available()
 
 
+def _gpu_count() -> int:
+    try:
+        return sum(device.platform == "gpu" for device in jax.devices())
+    except RuntimeError:
+        return 0
+
+
 def pytest_collection_modifyitems(config, items):
-    if _cuda_ready():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU and jax_flashmla's compiled extension")
+    cuda_ready = _cuda_ready()
+    several_gpus = cuda_ready and _gpu_count() >= 2
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not cuda_ready:
+            item.add_marker(pytest.mark.skip(
+                reason="needs a CUDA GPU and jax_flashmla's compiled extension"))
+        if "multigpu" in item.keywords and not several_gpus:
+            item.add_marker(pytest.mark.skip(reason="needs two or more CUDA GPUs"))
