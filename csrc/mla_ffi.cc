@@ -5,6 +5,7 @@
 //
 // Both handlers are command-buffer compatible: kernel launches on the given stream only, no
 // allocation (the split-KV workspace is two extra results that XLA allocates), no host sync.
+#include <climits>
 #include <cmath>
 #include <string>
 
@@ -97,6 +98,9 @@ ffi::Error mla_decode(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
     return shape_error("k_cache", "[num_blocks, 64, h_kv, 576]", k_dims);
   }
   const int64_t num_pages = k_dims[0], heads_kv = k_dims[2];
+  if (num_pages < 1 || num_pages > INT32_MAX) {
+    return shape_error("k_cache", "[1 <= num_blocks < 2^31, 64, h_kv, 576]", k_dims);
+  }
   if (q.element_type() != k_cache.element_type() ||
       (q.element_type() != ffi::BF16 && q.element_type() != ffi::F16) ||
       out->element_type() != q.element_type()) {

@@ -1,6 +1,6 @@
 // The contract between the FFI handlers and every decode kernel.
 //
-// The handler (mla_ffi.cu) validates shapes, fills one MlaDecodeParams and hands it to a kernel
+// The handler (mla_ffi.cc) validates shapes, fills one MlaDecodeParams and hands it to a kernel
 // family (portable sm_80+ or Hopper sm_90a). All kernels share the tile-scheduler metadata
 // layout, the workspace layout and the combine kernel, so they are interchangeable and each is
 // the other's correctness twin.

@@ -7,10 +7,13 @@ FFI custom calls on NVIDIA GPUs, an identical pure-JAX reference everywhere else
 from jax_flashmla._extension import cuda_extension_available, hopper_kernel_available
 from jax_flashmla._reference import mla_decode_reference
 from jax_flashmla.api import flash_mla_with_kvcache, get_mla_metadata
+from jax_flashmla.checked import check_decode_inputs, checked_flash_mla_with_kvcache
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "check_decode_inputs",
+    "checked_flash_mla_with_kvcache",
     "cuda_extension_available",
     "flash_mla_with_kvcache",
     "get_mla_metadata",

@@ -89,8 +89,16 @@ def _cuda_lowering(ctx, *args, implementation, **params):
                                                        **params)
 
 
-mlir.register_lowering(_mla_decode_kernel_p,
-                       mlir.lower_fun(_reference_impl, multiple_results=True))
+def _default_lowering(ctx, *args, implementation, **params):
+    if implementation in ("portable", "hopper"):
+        platforms = ", ".join(ctx.module_context.platforms)
+        raise ValueError(f"implementation={implementation!r} names a CUDA kernel, but this program "
+                         f"is lowered for {platforms}; use 'auto' or 'reference' there")
+    return mlir.lower_fun(_reference_impl, multiple_results=True)(
+        ctx, *args, implementation=implementation, **params)
+
+
+mlir.register_lowering(_mla_decode_kernel_p, _default_lowering)
 mlir.register_lowering(_mla_decode_kernel_p, _cuda_lowering, platform="cuda")
 
 

@@ -17,6 +17,7 @@ pages are handed out or how new tokens get into them. A model needs both, every 
 
 from __future__ import annotations
 
+import collections
 from typing import Hashable, NamedTuple, Sequence
 
 import jax
@@ -63,14 +64,15 @@ class PageAllocator:
     Sequences are identified by any hashable id. Typical step::
 
         tables = allocator.append_tokens(seq_ids, num_new_tokens=1)
-        pool, hidden = step(pool, tables.block_table, tables.cache_seqlens, ...)
+        hidden, pool = step(pool, tables.block_table, tables.cache_seqlens, ...)
 
     where the step writes the new rows with ``write_kv(pool, block_table, cache_seqlens, rows)``
     and attends with lengths ``cache_seqlens + num_new_tokens``.
 
     Every table has ``max_blocks_per_seq`` columns whatever the batch holds, so the jitted step
     keeps one shape. A ``None`` in ``seq_ids`` is a padding row (length 0, no pages), which keeps
-    the batch size fixed as sequences come and go.
+    the batch size fixed as sequences come and go; ``write_kv`` writes nothing for it, and its
+    attention output is meaningless (NaN: it attends over pages it does not have), so ignore it.
     """
 
     def __init__(self, num_blocks: int, max_blocks_per_seq: int):
@@ -82,8 +84,8 @@ class PageAllocator:
                              f"got {num_blocks}")
         self.num_blocks = int(num_blocks)
         self.max_blocks_per_seq = int(max_blocks_per_seq)
-        # A stack popped from the end: a fresh pool hands out block 0 first, and a freed page is
-        # the next one reused (it is likely still in the device's caches).
+        # A stack popped from the end: a fresh pool hands out block 0 first, and the most recently
+        # freed page is the next one reused.
         self._free_blocks = list(range(self.num_blocks - 1, -1, -1))
         self._pages: dict[Hashable, list[int]] = {}
         self._lengths: dict[Hashable, int] = {}
@@ -161,21 +163,22 @@ class PageAllocator:
         live = [seq_id for seq_id in seq_ids if seq_id is not None]
         for seq_id in live:
             self._check_live(seq_id)
-        repeated = sorted({repr(s) for s in live if live.count(s) > 1})
+        repeated = sorted(repr(s) for s, count in collections.Counter(live).items() if count > 1)
         if repeated:
             raise DuplicateSequenceError(f"seq_ids lists sequences {', '.join(repeated)} more "
                                          "than once; each row of a step must be its own sequence")
         self._check_fits({seq_id: num_new_tokens for seq_id in live}, self._lengths)
-        tables = self.step_tables(seq_ids)
+        lengths_before = self.step_tables(seq_ids).cache_seqlens
         for seq_id in live:
             self._grow(seq_id, num_new_tokens)
-        return StepTables(self.step_tables(seq_ids).block_table, tables.cache_seqlens)
+        return StepTables(self.step_tables(seq_ids).block_table, lengths_before)
 
     def step_tables(self, seq_ids: Sequence[Hashable | None]) -> StepTables:
-        """``block_table int32[b, max_blocks_per_seq]`` and ``cache_seqlens int32[b]`` as they are now.
+        """The step's ``block_table int32[b, max_blocks_per_seq]`` and ``cache_seqlens int32[b]``.
 
-        Row ``i`` describes ``seq_ids[i]`` (``None``: a padding row of length 0). Entries past a
-        sequence's pages hold :data:`UNUSED_BLOCK_ID`.
+        Describes the sequences as they are now; allocates nothing. Row ``i`` describes
+        ``seq_ids[i]`` (``None``: a padding row of length 0). Entries past a sequence's pages
+        hold :data:`UNUSED_BLOCK_ID`.
         """
         block_table = np.full((len(seq_ids), self.max_blocks_per_seq), UNUSED_BLOCK_ID, np.int32)
         cache_seqlens = np.zeros((len(seq_ids),), np.int32)

@@ -59,6 +59,21 @@ CASES = [
     ("metadata for another batch", dict(tile_scheduler_metadata=np.zeros((4, 8), np.int32),
                                         num_splits=np.zeros(5, np.int32)), ValueError,
      "num_splits must have shape .3,. .batch \\+ 1; was the metadata made for another batch"),
+    ("no query tokens", dict(q=np.zeros((2, 0, 4, 576), BF16)), ValueError,
+     "q must have seqlen_q >= 1 and num_heads_q >= 1"),
+    ("no heads", dict(q=np.zeros((2, 1, 0, 576), BF16)), ValueError,
+     "q must have seqlen_q >= 1 and num_heads_q >= 1"),
+    ("batch too large", dict(q=np.zeros((8193, 1, 1, 576), BF16),
+                             block_table=np.zeros((8193, 1), np.int32),
+                             cache_seqlens=np.zeros(8193, np.int32)), ValueError,
+     "batch size must be at most 8192, got 8193"),
+    ("empty pool", dict(k_cache=np.zeros((0, 64, 1, 576), BF16)), ValueError,
+     "k_cache must hold at least one block"),
+    ("table too wide", dict(block_table=np.zeros((2, (1 << 18) + 1), np.int32)), ValueError,
+     "max_blocks_per_seq must be in \\[1, 262144\\], got 262145"),
+    ("metadata dtype", dict(tile_scheduler_metadata=np.zeros((4, 8), np.int64),
+                            num_splits=np.zeros(3, np.int32)), TypeError,
+     "tile_scheduler_metadata must be int32, got int64"),
     ("num_splits dtype", dict(tile_scheduler_metadata=np.zeros((4, 8), np.int32),
                               num_splits=np.zeros(3, np.uint32)), TypeError,
      "num_splits must be int32"),
@@ -94,3 +109,12 @@ def test_primitive_rechecks_shapes_when_bound_directly():
             implementation="auto"),
             args["q"], args["k_cache"], args["block_table"], args["cache_seqlens"],
             jnp.zeros((4, 8), jnp.int32), jnp.zeros((3,), jnp.int32))
+
+
+def test_forcing_a_cuda_kernel_on_cpu_is_an_error():
+    args = good_args()
+    head_dim_v = args.pop("head_dim_v")
+    with pytest.raises(ValueError, match="implementation='portable' names a CUDA kernel.*cpu"):
+        jax.jit(lambda **a: jax_flashmla.flash_mla_with_kvcache(
+            **a, head_dim_v=head_dim_v, implementation="portable")).trace(**args).lower(
+                lowering_platforms=("cpu",))

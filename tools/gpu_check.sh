@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# One GPU session's work in one go: build the extension, run the GPU test suite for each kernel
-# family, then the benchmark. Every stage has its own time limit so a hang costs one stage, not the
-# session. Logs go to the folder given as $1 (created if missing).
+# One GPU session's work in one go: build the extension, run the GPU test suites for each kernel
+# family, run the benchmark, and optionally build and benchmark a second variant of the kernels
+# (compile-time experiment switches) for an A/B comparison on the same card. Every stage has its
+# own time limit so a hang costs one stage, not the session. Logs go to the folder given as $1.
 #
 #   tools/gpu_check.sh LOGDIR [bench arguments...]
+#
+# Environment: TEST_FILES (default: the GPU suites), PORTABLE_LIMIT / HOPPER_LIMIT / BENCH_LIMIT
+# (seconds), VARIANT_FLAGS (nvcc flags of the variant, e.g. "-DJFM_HOPPER_SEESAW=0"; unset: no
+# variant), VARIANT_KERNELS (implementations the variant's benchmark times; default hopper).
 set -u
 logs=$(mkdir -p "${1:?usage: tools/gpu_check.sh LOGDIR [bench args]}" && cd "$1" && pwd)
 shift
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONUNBUFFERED=1
+test_files=${TEST_FILES:-tests/test_gpu.py tests/test_gpu_hardening.py}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$logs/gpu.txt"
 echo "== build"
@@ -17,7 +23,7 @@ if ! (cd "$repo" && timeout 400 python3 -m pip install --no-build-isolation --no
   tail -40 "$logs/build.log"
   exit 1
 fi
-tail -2 "$logs/build.log"
+tail -1 "$logs/build.log"
 
 # Run from outside the checkout so that `import jax_flashmla` finds the installed build.
 cd /tmp || exit 1
@@ -25,18 +31,36 @@ run_tests() {  # name, time limit, pytest arguments...
   local name=$1 limit=$2
   shift 2
   echo "== tests: $name"
-  timeout "$limit" python3 -m pytest "$repo/tests" -q -p no:cacheprovider "$@" \
-    > "$logs/tests-$name.log" 2>&1
+  # shellcheck disable=SC2086
+  timeout "$limit" python3 -m pytest $(printf "$repo/%s " $test_files) -q -p no:cacheprovider \
+    "$@" > "$logs/tests-$name.log" 2>&1
   echo "exit $?"
-  tail -4 "$logs/tests-$name.log"
+  grep -E "^(FAILED|ERROR)" "$logs/tests-$name.log" | head -20
+  tail -1 "$logs/tests-$name.log"
 }
-run_tests portable "${PORTABLE_LIMIT:-200}" -m gpu -k "not hopper"
-run_tests hopper "${HOPPER_LIMIT:-200}" -m gpu -k "hopper"
+run_tests hopper "${HOPPER_LIMIT:-400}" -m gpu -k "hopper"
+run_tests portable "${PORTABLE_LIMIT:-400}" -m gpu -k "not hopper"
 
-if [ "$#" -gt 0 ]; then
-  echo "== bench $*"
-  timeout "${BENCH_LIMIT:-300}" python3 -m jax_flashmla.bench --json "$logs/bench.json" \
-    --markdown "$logs/bench.md" "$@" > "$logs/bench.log" 2>&1
+bench() {  # name, python path, bench arguments...
+  local name=$1 path=$2
+  shift 2
+  echo "== bench ($name) $*"
+  PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" timeout "${BENCH_LIMIT:-300}" \
+    python3 -m jax_flashmla.bench --json "$logs/bench-$name.json" --markdown "$logs/bench-$name.md" \
+    "$@" > "$logs/bench-$name.log" 2>&1
   echo "exit $?"
-  tail -30 "$logs/bench.log"
+  sed -n '/^| b /,$p' "$logs/bench-$name.log"
+}
+if [ "$#" -gt 0 ]; then
+  bench main "" "$@"
+fi
+if [ -n "${VARIANT_FLAGS:-}" ]; then
+  echo "== build variant: $VARIANT_FLAGS"
+  if (cd "$repo" && timeout 400 python3 -m pip install --no-build-isolation --no-deps \
+        --target /tmp/variant -C "cmake.define.JAX_FLASHMLA_EXTRA_CUDA_FLAGS=$VARIANT_FLAGS" . \
+        > "$logs/build-variant.log" 2>&1); then
+    bench variant /tmp/variant "$@" --kernels ${VARIANT_KERNELS:-hopper} --no-reference
+  else
+    tail -20 "$logs/build-variant.log"
+  fi
 fi

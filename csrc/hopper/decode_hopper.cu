@@ -49,6 +49,58 @@
 //
 // Shared memory: Q 72 KB + 2 x 72 KB K stages + P 8 KB + row max / sums 1 KB + barriers
 // = 230,552 B (+1 KB alignment slack = 231,576 B of the 232,448 B limit).
+//
+// ---------------------------------------------------------------------------------------------
+// Seesaw schedule (traits.h JFM_HOPPER_SEESAW, default 1; mla_decode_hopper_seesaw_kernel).
+// Why: with the split-S kernel above the tensor cores idle while both warpgroups do softmax
+// between two CTA-wide barriers per page, S is computed with m64n32 (A = Q re-read from smem
+// for half the math: smem-bound), and a page's stage is re-armed only after both warpgroups
+// finished it. At h_q*s_q >= 64 that left us 25-50 % behind FlashMLA.
+// Per sequence, pages are taken in pairs (a, b) (the last pair may lack b). Per pair:
+//   WG0 (owns page a, O cols 0..255)            WG1 (owns page b, O cols 256..511)
+//   S_a = Q K_a^T (36 x m64n64k16, async)       [S-first] S_b = Q K_b^T (async, beside S_a)
+//   softmax_a vs m_run -> m_a, P_a (regs)
+//   P_a -> RoPE box of page a, m_a -> smem  ==A==>  O_R *= f(m_run->m_a)   ([S-first] retire S_b)
+//   O_L *= f; O_L += P_a V_a,L (RS)             O_R += P_a V_a,R (SS, P_a from smem)
+//   release a: boxes 0..3                       [PV-first] wait; release a: boxes 4..8; S_b
+//                                               softmax_b vs m_a -> m_b, P_b (regs)
+//                                  <==B==       P_b -> RoPE box of page b, m_b -> smem
+//                                               [S-first] wait P_a V_a; release a: boxes 4..8
+//   O_L *= f(m_a->m_b); O_L += P_b V_b,L (SS)   O_R *= f(m_a->m_b); O_R += P_b V_b,R (RS)
+//   release b: boxes 0..3 + 8                   release b: boxes 4..7
+// "==A==>" / "<==B==": named barriers 4 / 5 (bar.arrive by the producer warpgroup, bar.sync
+// by the consumer); the only cross-warpgroup synchronisation inside the loop. WG0's softmax
+// runs while the tensor cores do S_b; WG1's softmax_b runs while they do both P_a V_a; WG0's
+// P_b V_b,L and WG1's next S overlap WG1's tail. Each warpgroup's l sums only its own pages;
+// both use the same maxima (m_b is read back from smem bit-exactly), so the epilogue adds them.
+// S-first vs PV-first (template kPvFirst, picked at launch): with one 64-row query tile per KV
+// head the CTA is memory-bound and WG1 does P_a V_a before S_b so that page a's stage is
+// re-armed before page b has even landed; with 2+ tiles (knee / compute-bound) S_b is issued
+// first so it overlaps WG0's softmax.
+// Where P lives: the RoPE box (box 8, columns 512..575) of a page is read only by that page's
+// S; once S is done in all four warps of the owner (warpgroup barrier), the owner overwrites it
+// with P (16-bit, K-major, 128B-swizzled). So no P buffer is needed and P's lifetime is tied to
+// the page's stage: it is overwritten only by the TMA of the page two positions later, which is
+// issued after the last reader of box 8 released it.
+// Loads: box-granular re-arm, no counters. Every box group of a page has one last reader:
+//   page a: boxes 0..3 -> WG0 (after P_a V_a,L);  boxes 4..8 -> WG1 (after P_a V_a,R)
+//   page b: boxes 0..3, 8 -> WG0 (after P_b V_b,L);  boxes 4..7 -> WG1 (after P_b V_b,R)
+// and that warpgroup's leader re-arms the group for page k+2 of the flat stream right away
+// (warpgroup barrier first, so every warp's wgmma.wait_group 0 has returned). Each warpgroup
+// releases every page exactly once and in stream order, so the two leaders' identical cursor
+// walks always name page k+2. Phase safety (mbarrier parity): the owner of a page waits for all
+// 9 boxes even when the page is unreadable, and every re-arm of a box happens after that wait
+// (program order or hand-off barrier A/B), so a box never runs a phase ahead of a waiter.
+// Non-owners additionally wait on the boxes they read (already complete: they only make the
+// TMA data visible to them). Unreadable pages: no wgmma at all, P = 0, rows poisoned as before.
+// Tails: each warpgroup zeroes its own V half of the tail page before its P V on it, after the
+// page's S (masked rows only), fence.proxy.async + warpgroup barrier.
+// ptxas: no wgmma group is ever committed empty, sacc (an S accumulator) is never rewritten by
+// ordinary code (softmax writes packed P into other registers), O is rescaled only when no
+// group is in flight, and each pair ends with an unconditional wait_group 0; any of these
+// broken makes ptxas serialise every wgmma (C7515/C7517/C7520) -- check -Xptxas -v.
+// Shared memory: the same layout as above (the P tile area is unused): 231,576 B. The row-max
+// area holds m_a [64] and m_b [64].
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -584,6 +636,584 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// =============================================================================================
+// Seesaw kernel (traits.h kSeesaw, default): see the header comment "Seesaw schedule".
+// =============================================================================================
+
+// Issues the boxes of `box_mask` of the cursor's page into `stage` (leader thread only). Every
+// box of the mask gets exactly one arrival, so its phase completes whether or not the page is
+// readable (an out-of-range block-table entry is never loaded; consumers see the same entry).
+__device__ __forceinline__ void issue_page_boxes(const CUtensorMap* map, const MlaDecodeParams& p,
+                                                 const LoadCursor& c, int stage, uint32_t k_addr,
+                                                 uint32_t bar_addr, int kvh, uint64_t policy,
+                                                 uint32_t box_mask) {
+  const int row =
+      __ldg(p.block_table + static_cast<size_t>(c.seq) * p.max_pages_per_seq + c.page);
+  const bool ok = row >= 0 && row < p.num_pages;
+  const uint32_t dst = k_addr + stage * kTileBytes;
+  const uint32_t bars = bar_addr + stage * kNumBoxesQK * 8;
+#pragma unroll
+  for (int box = 0; box < kNumBoxesQK; ++box) {
+    if (box_mask & (1u << box)) {
+      if (ok) {
+        mbar_arrive_expect_tx(bars + box * 8, kBoxBytes);
+        tma_load_4d(dst + box * kBoxBytes, map, bars + box * 8, box * kBoxCols, kvh, 0, row,
+                    policy);
+      } else {
+        mbar_arrive(bars + box * 8);
+      }
+    }
+  }
+}
+
+// A warpgroup is done with its boxes `box_mask` of the page in `stage`: all its threads pass a
+// warpgroup barrier (their wgmma reads completed: each did wgmma.wait_group 0 before; their
+// generic stores were fenced), then its leader loads the same boxes of the page two positions
+// later in the stream into the stage. Each warpgroup calls this exactly once per page, in stream
+// order, so the two leaders' cursors (identical walks) always name that page.
+__device__ __forceinline__ void seesaw_release(const CUtensorMap* map, const MlaDecodeParams& p,
+                                               const Partition& pt, LoadCursor& cur, bool leader,
+                                               int wg, int stage, uint32_t k_addr,
+                                               uint32_t bar_addr, int kvh, uint64_t policy,
+                                               uint32_t box_mask) {
+  named_barrier_sync(1 + wg, kWarpgroupThreads);
+  if (leader && cur.page < cur.page_end) {
+    issue_page_boxes(map, p, cur, stage, k_addr, bar_addr, kvh, policy, box_mask);
+    ++cur.page;
+    cursor_settle(cur, p, pt);
+  }
+}
+
+// S (64 x 64 tokens, fp32) = Q K^T over k = 576 for the page in `kst`. Waits for all 9 boxes
+// (always, readable page or not: the S owner is the one reader that observes every phase of
+// every box, which the re-arm ordering relies on) and, when `ok`, issues 36 x m64n64k16 and
+// commits them as one wgmma group. Nothing is committed when !ok: an empty commit becomes a
+// dummy HGMMA, and commits outside the wgmmas' branch make ptxas serialise every wgmma.
+template <bool kBf16>
+__device__ __forceinline__ void seesaw_issue_s(float (&sacc)[32], uint64_t desc_q, uint32_t kst,
+                                               uint32_t bars, uint32_t parity, bool ok) {
+  using Mma = Wgmma<kBf16>;
+  if (ok) {
+    const uint64_t desc_k = make_smem_desc(kst, 16, 1024);
+#pragma unroll
+    for (int box = 0; box < kNumBoxesQK; ++box) {
+      mbar_wait(bars + box * 8, parity);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint32_t off = box * kBoxBytes + kk * 32;
+        Mma::qk64(sacc, desc_advance(desc_q, off), desc_advance(desc_k, off),
+                  (box | kk) != 0 ? 1 : 0);
+      }
+    }
+    wgmma_commit();
+  } else {
+#pragma unroll
+    for (int box = 0; box < kNumBoxesQK; ++box) mbar_wait(bars + box * 8, parity);
+  }
+}
+
+// exp2 factor that moves values kept relative to running max `m_old` to `m_new` (raw scores;
+// m_new >= m_old). A row that has seen no key keeps -inf: subtract 0 then, so that
+// -inf - -inf never happens (factor 0, and O / l are 0 anyway).
+__device__ __forceinline__ float rescale_factor(float m_old, float m_new, float scale_log2) {
+  const float use = m_new == -INFINITY ? 0.f : m_new;
+  return fast_exp2((m_old - use) * scale_log2);
+}
+
+// Online-softmax step of the S owner on its page: masks (only when the page reaches past some
+// row's limit; an unreadable page counts as all -inf, sacc is not even written then), takes the
+// row maxima, m_new = max(m_ref, rowmax), and packs P = exp2(S * scale_log2 - m_new *
+// scale_log2) to 16 bits: pk[4*s2 + i] is register i of the wgmma A fragment of k-step s2
+// (tokens 16*s2..16*s2+15), i.e. pack(P[8*s2 + 2*i], P[8*s2 + 2*i + 1]) in accumulator order.
+// sacc is only read: registers that wgmma defines are never rewritten by ordinary code (ptxas
+// serialises all wgmmas otherwise, C7515), and P never needs 32 fp32 registers of its own.
+// rsum = this thread's partial row sums of P (its 16 columns), from the fp32 values.
+template <bool kBf16>
+__device__ __forceinline__ void seesaw_softmax(const float (&sacc)[32], bool ok, bool need_mask,
+                                               int base, int q4, const int (&lim)[2],
+                                               const float (&m_ref)[2], float scale_log2,
+                                               float (&m_new)[2], float (&rsum)[2],
+                                               uint32_t (&pk)[16]) {
+  float sv[32];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float v = ok ? sacc[4 * j + e] : -INFINITY;
+      if (need_mask) {
+        const int col = base + 8 * j + 2 * q4 + (e & 1);
+        v = col >= lim[e >> 1] ? -INFINITY : v;
+      }
+      sv[4 * j + e] = v;
+    }
+  }
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], sv[4 * j + e]);
+  }
+  float msub[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    m_new[i] = fmaxf(m_ref[i], mx[i]);
+    msub[i] = (m_new[i] == -INFINITY ? 0.f : m_new[i]) * scale_log2;
+    rsum[i] = 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {  // pairs (2j, 2j+1) of accumulator order = pk[j]
+    const int r = (j >> 1) & 1;    // e / 2 of both elements: row g or g + 8
+    const float p0 = fast_exp2(fmaf(sv[2 * j], scale_log2, -msub[r]));
+    const float p1 = fast_exp2(fmaf(sv[2 * j + 1], scale_log2, -msub[r]));
+    rsum[r] += p0 + p1;
+    pk[j] = pack2<kBf16>(p0, p1);
+  }
+}
+
+// Publishes the owner's P (packed, see seesaw_softmax) into the page's RoPE box, K-major and
+// 128B-swizzled like a TMA box (element (r, c) at r*128 + ((c/8) ^ (r%8))*16 + (c%8)*2;
+// conflict-free: the 8 rows of a warp hit 8 distinct 16-byte slots), and its row maxima into
+// `m_out`; then makes the P stores visible to the async proxy (the other warpgroup's wgmma
+// reads them after the hand-off barrier).
+__device__ __forceinline__ void seesaw_publish(const uint32_t (&pk)[16], uint8_t* p_box,
+                                               float* m_out, const float (&m_new)[2], int warp,
+                                               int g, int q4) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {  // 8-column chunk j = accumulator elements 4j..4j+3
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = warp * 16 + g + 8 * i;
+      *reinterpret_cast<uint32_t*>(p_box + r * 128 + ((j ^ (r & 7)) << 4) + q4 * 4) =
+          pk[2 * j + i];
+    }
+  }
+  if (q4 == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) m_out[warp * 16 + g + 8 * i] = m_new[i];
+  }
+  fence_proxy_async_smem();
+}
+
+// Zeroes rows first..63 (tokens past the sequence end: garbage, NaN in tests, and 0 * NaN = NaN
+// in P V) of this warpgroup's four V boxes of a page, then fence.proxy.async and a warpgroup
+// barrier so that its P V wgmma sees the zeros. Only after the page's S is done (whoever owns
+// it) and after this warpgroup waited for those boxes' TMA.
+__device__ __forceinline__ void seesaw_zero_v_tail(uint8_t* vbase, int first, int wtid, int wg) {
+#pragma unroll
+  for (int it = 0; it < (kBoxesPerWarpgroupV * kBlockN * 8) / kWarpgroupThreads; ++it) {
+    const int idx = wtid + it * kWarpgroupThreads;
+    const int box = idx >> 9;         // 512 16-byte chunks per box
+    const int row = (idx >> 3) & 63;  // 8 chunks per 128-byte row
+    const int ch = idx & 7;
+    if (row >= first)
+      *reinterpret_cast<uint4*>(vbase + box * kBoxBytes + row * 128 + ch * 16) =
+          make_uint4(0u, 0u, 0u, 0u);
+  }
+  fence_proxy_async_smem();
+  named_barrier_sync(1 + wg, kWarpgroupThreads);
+}
+
+__device__ __forceinline__ void scale_o(float (&o)[128], const float (&f)[2]) {
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[4 * j + e] *= f[e >> 1];
+  }
+}
+
+// O[:, this warpgroup's 256 columns] += P V for one page; V = the warpgroup's four boxes at
+// v_addr (MN-major B, LBO = one box), 4 k-steps of 16 tokens (2048 B each), committed as one
+// group. P from registers.
+template <bool kBf16>
+__device__ __forceinline__ void seesaw_pv_rs(float (&o)[128], const uint32_t (&pk)[16],
+                                             uint32_t v_addr) {
+  using Mma = Wgmma<kBf16>;
+  uint32_t pfrag[4][4];
+#pragma unroll
+  for (int s2 = 0; s2 < 4; ++s2) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pfrag[s2][i] = pk[4 * s2 + i];
+  }
+  fence_regs(o);  // before the fence: an asm 'write' after it would need another arrive
+  wgmma_fence();
+#pragma unroll
+  for (int s2 = 0; s2 < 4; ++s2)
+    Mma::pv256_rs(o, pfrag[s2], make_smem_desc(v_addr + s2 * 2048, kBoxBytes, 1024));
+  wgmma_commit();
+}
+
+// Same with P from smem (the other warpgroup's P in its page's RoPE box, K-major, +32 B per
+// k-step).
+template <bool kBf16>
+__device__ __forceinline__ void seesaw_pv_ss(float (&o)[128], uint32_t p_addr, uint32_t v_addr) {
+  using Mma = Wgmma<kBf16>;
+  const uint64_t desc_p = make_smem_desc(p_addr, 16, 1024);
+  fence_regs(o);  // before the fence: an asm 'write' after it would need another arrive
+  wgmma_fence();
+#pragma unroll
+  for (int s2 = 0; s2 < 4; ++s2)
+    Mma::pv256_ss(o, desc_advance(desc_p, s2 * 32),
+                  make_smem_desc(v_addr + s2 * 2048, kBoxBytes, 1024));
+  wgmma_commit();
+}
+
+template <bool kBf16, bool kPvFirst>
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_hopper_seesaw_kernel(const __grid_constant__ CUtensorMap kv_map,
+                                    const __grid_constant__ MlaDecodeParams p) {
+  using Elem = std::conditional_t<kBf16, __nv_bfloat16, __half>;
+
+  const int tid = threadIdx.x;
+  const int wg = tid / kWarpgroupThreads;   // 0 or 1: which 256 output columns
+  const int wtid = tid % kWarpgroupThreads;
+  const int warp = wtid / 32;               // warp within the warpgroup: rows 16*warp..+15
+  const int lane = tid % 32;
+  const int g = lane / 4;                   // accumulator row within the warp's 16 (and +8)
+  const int q4 = lane % 4;                  // accumulator column pair within each 8-col chunk
+  const int tile_m = blockIdx.x;
+  const int kvh = blockIdx.y;
+  const int part = blockIdx.z;
+
+  const int32_t* md = p.sched_metadata + part * kSchedulerMetadataSize;
+  Partition pt;
+  pt.begin_seq = md[kBeginSeq];
+  pt.begin_token = md[kBeginToken];
+  pt.end_seq = min(md[kEndSeq], p.batch - 1);
+  pt.end_token = md[kEndToken];
+  pt.begin_split = md[kBeginSplitIndex];
+  if (pt.begin_seq >= p.batch || pt.begin_seq > pt.end_seq) return;  // uniform: no work
+
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw_addr = smem_addr(smem_raw);
+  const uint32_t base_addr = (raw_addr + kSmemAlign - 1) & ~static_cast<uint32_t>(kSmemAlign - 1);
+  uint8_t* smem = smem_raw + (base_addr - raw_addr);
+  const uint32_t q_addr = base_addr + kSmemQ;
+  const uint32_t k_addr = base_addr + kSmemK;
+  const uint32_t bar_addr = base_addr + kSmemBar;
+  float* s_m_a = reinterpret_cast<float*>(smem + kSmemRowMax);  // [64] m after page a (WG0)
+  float* s_m_b = s_m_a + kBlockM;                                // [64] m after page b (WG1)
+
+  if (tid == 0) {
+    prefetch_tensor_map(&kv_map);
+#pragma unroll
+    for (int i = 0; i < kNumKStages * kNumBoxesQK; ++i) mbar_init(bar_addr + i * 8, 1);
+    mbar_init_fence();
+  }
+  __syncthreads();  // barriers initialised and visible before anyone arrives or waits
+
+  // ---- producer state (leader threads only) and prologue: pages 0 and 1 -> stages 0, 1 ----
+  const bool leader = wtid == 0;
+  LoadCursor cur{0, 0, 0};
+  uint64_t policy = 0;
+  if (leader) {
+    policy = gridDim.x == 1 ? l2_policy_evict_first() : l2_policy_evict_normal();
+    cur.seq = pt.begin_seq;
+    cur.page = seq_lo(pt, cur.seq) / kPageSize;
+    cur.page_end = (seq_hi(p, pt, cur.seq) + kPageSize - 1) / kPageSize;
+    cursor_settle(cur, p, pt);
+#pragma unroll
+    for (int st = 0; st < kNumKStages; ++st) {
+      if (cur.page < cur.page_end) {
+        if (wg == 0) issue_page_load(&kv_map, p, cur, st, k_addr, bar_addr, kvh, policy);
+        ++cur.page;
+        cursor_settle(cur, p, pt);
+      }
+    }
+  }
+
+  // ---- per-thread row bookkeeping (accumulator rows r = 16*warp + g + 8*i, i = 0, 1) ----
+  int row_in_kv[2];
+  int t_q[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row_in_kv[i] = tile_m * kBlockM + warp * 16 + g + 8 * i;
+    t_q[i] = row_in_kv[i] / p.heads_per_kv;
+  }
+  const bool causal = p.causal && p.seqlen_q > 1;
+  const float scale_log2 = p.scale_log2;
+  const int cap = p.max_pages_per_seq * kPageSize;
+  // kPvFirst (chosen at launch: the CTA is its KV head's only query tile, <= 64 rows, so it is
+  // memory-bound): WG1 runs P_a V_a first, releasing page a's stage early, and S_b after.
+  // Otherwise (2+ tiles share the pages through L2, tensor cores are the limit) WG1 issues S_b
+  // first, so that S_b overlaps WG0's softmax of page a. A template parameter, not a runtime
+  // flag: with both orders in one body ptxas cannot tell which wgmma groups are in flight and
+  // serialises every wgmma.
+  constexpr bool pv_first = kPvFirst;
+
+  const uint64_t desc_q = make_smem_desc(q_addr, 16, 1024);
+
+  int k = 0;  // index of page a of the current pair in the CTA's flat page stream
+  for (int s = pt.begin_seq; s <= pt.end_seq; ++s) {
+    const int len_raw = __ldg(p.seqlens + s);
+    const bool malformed = len_raw < 0 || len_raw > cap;
+    const int len = min(max(len_raw, 0), cap);
+    const int lo = seq_lo(pt, s);
+    const int hi = s == pt.end_seq ? min(pt.end_token, len) : len;
+    int lim[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) lim[i] = causal ? min(hi, len - p.seqlen_q + 1 + t_q[i]) : hi;
+    const int tile_lim = causal ? min(hi, len - p.seqlen_q + 1) : hi;
+
+    // Q of this sequence. Both warpgroups finished all wgmmas on the previous Q (each ends a
+    // pair with wgmma.wait_group 0).
+    __syncthreads();
+    load_q_tile(p, s, kvh, tile_m, smem + kSmemQ, tid);
+    fence_proxy_async_smem();
+    __syncthreads();
+
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY};  // running max of raw scores (same in both WGs)
+    float l_run[2] = {0.f, 0.f};  // partial row sums: WG0 of its a pages, WG1 of its b pages
+    bool poisoned[2] = {false, false};
+
+    const int page_begin = lo / kPageSize;
+    const int page_end = (hi + kPageSize - 1) / kPageSize;
+    const int32_t* bt = p.block_table + static_cast<size_t>(s) * p.max_pages_per_seq;
+    for (int pa = page_begin; pa < page_end; pa += 2) {
+      const bool has_b = pa + 1 < page_end;
+      const int ka = k;
+      const int kb = k + 1;
+      k += has_b ? 2 : 1;
+      const int stage_a = ka & 1;
+      const int stage_b = kb & 1;
+      const uint32_t par_a = (ka >> 1) & 1;
+      const uint32_t par_b = (kb >> 1) & 1;
+      const uint32_t kst_a = k_addr + stage_a * kTileBytes;
+      const uint32_t kst_b = k_addr + stage_b * kTileBytes;
+      const uint32_t bars_a = bar_addr + stage_a * kNumBoxesQK * 8;
+      const uint32_t bars_b = bar_addr + stage_b * kNumBoxesQK * 8;
+      const int base_a = pa * kPageSize;
+      const int base_b = base_a + kPageSize;
+      const int row_a = __ldg(bt + pa);
+      const bool ok_a = row_a >= 0 && row_a < p.num_pages;
+      const int row_b = has_b ? __ldg(bt + pa + 1) : 0;
+      const bool ok_b = has_b && row_b >= 0 && row_b < p.num_pages;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        poisoned[i] = poisoned[i] || (!ok_a && base_a < lim[i]);
+        poisoned[i] = poisoned[i] || (has_b && !ok_b && base_b < lim[i]);
+      }
+      const bool tail_a = base_a + kPageSize > hi;
+      const bool tail_b = base_b + kPageSize > hi;
+      uint8_t* kst_a_ptr = smem + kSmemK + stage_a * kTileBytes;
+      uint8_t* kst_b_ptr = smem + kSmemK + stage_b * kTileBytes;
+      const uint32_t v_off = wg * kBoxesPerWarpgroupV * kBoxBytes;  // this WG's V boxes
+
+      float sacc[32];
+      if (wg == 0) {
+        // ================= WG0: owner of page a, O columns 0..255 =================
+        seesaw_issue_s<kBf16>(sacc, desc_q, kst_a, bars_a, par_a, ok_a);
+        wgmma_wait<0>();
+        fence_regs(sacc);
+        float m_a[2], rsum[2];
+        uint32_t pk[16];
+        seesaw_softmax<kBf16>(sacc, ok_a, base_a + kPageSize > tile_lim, base_a, q4, lim, m_run,
+                              scale_log2, m_a, rsum, pk);
+        float f[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          f[i] = rescale_factor(m_run[i], m_a[i], scale_log2);
+          l_run[i] = l_run[i] * f[i] + rsum[i];
+          m_run[i] = m_a[i];
+        }
+        // Hand-off A: P_a into page a's RoPE box (S_a, its only reader, has completed in every
+        // warp of WG0 -- all four read all 64 rows of box 8 as B -- hence the WG barrier), m_a.
+        named_barrier_sync(1 + wg, kWarpgroupThreads);
+        seesaw_publish(pk, kst_a_ptr + kRopeBox * kBoxBytes, s_m_a, m_a, warp, g, q4);
+        named_barrier_arrive(kBarPReadyA, kThreads);
+        scale_o(o, f);
+        if (ok_a) {
+          if (tail_a) seesaw_zero_v_tail(kst_a_ptr + v_off, hi - base_a, wtid, wg);
+          seesaw_pv_rs<kBf16>(o, pk, kst_a + v_off);
+        }
+        wgmma_wait<0>();
+        fence_regs(o);
+        // Page a, boxes 0..3: WG0 was their only reader (S_a, P_a V_a[:, 0..255]).
+        seesaw_release(&kv_map, p, pt, cur, leader, wg, stage_a, k_addr, bar_addr, kvh, policy,
+                       kBoxesVL);
+        if (has_b) {
+          // Hand-off B: WG1 published m_b (>= m_a) and P_b (relative to m_b).
+          named_barrier_sync(kBarPReadyB, kThreads);
+          float m_b[2];
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            m_b[i] = s_m_b[warp * 16 + g + 8 * i];
+            f[i] = rescale_factor(m_run[i], m_b[i], scale_log2);
+            l_run[i] *= f[i];
+            m_run[i] = m_b[i];
+          }
+          scale_o(o, f);
+          if (ok_b) {
+#pragma unroll
+            for (int box = 0; box < kBoxesPerWarpgroupV; ++box) mbar_wait(bars_b + box * 8, par_b);
+            if (tail_b) seesaw_zero_v_tail(kst_b_ptr + v_off, hi - base_b, wtid, wg);
+            seesaw_pv_ss<kBf16>(o, kst_b + kRopeBox * kBoxBytes, kst_b + v_off);
+          }
+          wgmma_wait<0>();
+          fence_regs(o);
+          // Page b, boxes 0..3 and the RoPE box (P_b): WG0's P_b V_b[:, 0..255] is their last
+          // read (WG1's S_b completed before hand-off B).
+          seesaw_release(&kv_map, p, pt, cur, leader, wg, stage_b, k_addr, bar_addr, kvh, policy,
+                         kBoxesVL | kBoxRope);
+        }
+      } else {
+        // ================= WG1: owner of page b, O columns 256..511 =================
+        if (!pv_first && has_b) seesaw_issue_s<kBf16>(sacc, desc_q, kst_b, bars_b, par_b, ok_b);
+        // Hand-off A: m_a and P_a (relative to m_a) are published by WG0.
+        named_barrier_sync(kBarPReadyA, kThreads);
+        float m_a[2], f[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          m_a[i] = s_m_a[warp * 16 + g + 8 * i];
+          f[i] = rescale_factor(m_run[i], m_a[i], scale_log2);
+          l_run[i] *= f[i];
+          m_run[i] = m_a[i];
+        }
+        if constexpr (!pv_first) {
+          // Retire S_b before O is rescaled: ptxas serialises every wgmma if registers of a
+          // wgmma are written by ordinary instructions while an earlier group is in flight
+          // (C7515). S_b ran beside S_a and during WG0's softmax, so this rarely waits.
+          wgmma_wait<0>();
+          fence_regs(sacc);
+        }
+        scale_o(o, f);
+        if (ok_a) {
+#pragma unroll
+          for (int box = 0; box < kBoxesPerWarpgroupV; ++box)
+            mbar_wait(bars_a + (kBoxesPerWarpgroupV + box) * 8, par_a);
+          if (tail_a) seesaw_zero_v_tail(kst_a_ptr + v_off, hi - base_a, wtid, wg);
+          seesaw_pv_ss<kBf16>(o, kst_a + kRopeBox * kBoxBytes, kst_a + v_off);
+        }
+        if (pv_first || !has_b) {
+          wgmma_wait<0>();
+          fence_regs(o);
+          // Page a, boxes 4..7 and the RoPE box (P_a): WG1's P_a V_a[:, 256..511] is their last
+          // read (WG0's S_a completed before hand-off A).
+          seesaw_release(&kv_map, p, pt, cur, leader, wg, stage_a, k_addr, bar_addr, kvh,
+                         policy, kBoxesVR | kBoxRope);
+        }
+        if (has_b) {
+          if constexpr (pv_first) {
+            seesaw_issue_s<kBf16>(sacc, desc_q, kst_b, bars_b, par_b, ok_b);
+            wgmma_wait<0>();
+            fence_regs(sacc);
+          }
+          // (S-first: S_b already retired above; P_a V_a may still run, o untouched until its
+          // wait below.)
+          float m_b[2], rsum[2];
+          uint32_t pk[16];
+          seesaw_softmax<kBf16>(sacc, ok_b, base_b + kPageSize > tile_lim, base_b, q4, lim, m_a,
+                                scale_log2, m_b, rsum, pk);
+          // Hand-off B: P_b into page b's RoPE box (S_b, its only reader, has completed in
+          // every warp of WG1, hence the WG barrier), m_b.
+          named_barrier_sync(1 + wg, kWarpgroupThreads);
+          seesaw_publish(pk, kst_b_ptr + kRopeBox * kBoxBytes, s_m_b, m_b, warp, g, q4);
+          named_barrier_arrive(kBarPReadyB, kThreads);
+          if constexpr (!pv_first) {
+            wgmma_wait<0>();
+            fence_regs(o);
+            seesaw_release(&kv_map, p, pt, cur, leader, wg, stage_a, k_addr, bar_addr, kvh,
+                           policy, kBoxesVR | kBoxRope);
+          }
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            f[i] = rescale_factor(m_run[i], m_b[i], scale_log2);
+            l_run[i] = l_run[i] * f[i] + rsum[i];
+            m_run[i] = m_b[i];
+          }
+          scale_o(o, f);
+          if (ok_b) {
+            if (tail_b) seesaw_zero_v_tail(kst_b_ptr + v_off, hi - base_b, wtid, wg);
+            seesaw_pv_rs<kBf16>(o, pk, kst_b + v_off);
+          }
+          wgmma_wait<0>();
+          fence_regs(o);
+          // Page b, boxes 4..7: WG1 was their only reader.
+          seesaw_release(&kv_map, p, pt, cur, leader, wg, stage_b, k_addr, bar_addr, kvh, policy,
+                         kBoxesVR);
+        }
+      }
+      // Nothing is pending here on any path (each path above ends with wait_group 0), but
+      // ptxas does not correlate the branch conditions; without this unconditional wait it
+      // assumes a P V may still be in flight at the next pair's O rescale and serialises every
+      // wgmma (C7517 / C7520).
+      wgmma_wait<0>();
+      fence_regs(o);
+    }
+
+    // ---- epilogue: normalise and write this sequence's piece ----
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+      l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
+    }
+    {
+      // Row sum = WG0's (pages a) + WG1's (pages b), both relative to the same final m_run.
+      // The buffer is rewritten only after the next sequence's __syncthreads.
+      float* row_sum = reinterpret_cast<float*>(smem + kSmemRowSum);
+      if (q4 == 0) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) row_sum[wg * kBlockM + warp * 16 + g + 8 * i] = l_run[i];
+      }
+      named_barrier_sync(kCtaBarrierId, kThreads);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) l_run[i] += row_sum[(wg ^ 1) * kBlockM + warp * 16 + g + 8 * i];
+    }
+    const int split_begin = __ldg(p.num_splits + s);
+    const bool split = __ldg(p.num_splits + s + 1) - split_begin > 1;
+    const int slot = split_begin + (s == pt.begin_seq ? pt.begin_split : 0);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = row_in_kv[i];
+      if (row >= p.rows_per_kv) continue;
+      const bool nan_row = malformed || poisoned[i];
+      const float l = l_run[i];
+      float lse_val;
+      float inv;
+      if (nan_row) {
+        lse_val = NAN;
+        inv = NAN;
+      } else if (l > 0.f) {
+        lse_val = m_run[i] * p.softmax_scale + logf(l);
+        inv = 1.f / l;
+      } else {  // the row saw no key in this piece
+        lse_val = split ? -INFINITY : INFINITY;
+        inv = 0.f;
+      }
+      const int tq = t_q[i];
+      const int head = kvh * p.heads_per_kv + (row - tq * p.heads_per_kv);
+      if (!split) {
+        Elem* out_row = reinterpret_cast<Elem*>(p.out) +
+                        ((static_cast<size_t>(s) * p.seqlen_q + tq) * p.num_heads_q + head) *
+                            kHeadDimV +
+                        wg * kColsPerWarpgroup + 2 * q4;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          *reinterpret_cast<uint32_t*>(out_row + 8 * j) =
+              pack2<kBf16>(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+        }
+        if (wg == 0 && q4 == 0)
+          p.lse[(static_cast<size_t>(s) * p.num_heads_q + head) * p.seqlen_q + tq] = lse_val;
+      } else {
+        const size_t acc_row =
+            (static_cast<size_t>(slot) * p.num_heads_kv + kvh) * p.rows_per_kv + row;
+        float* acc = p.o_accum + acc_row * kHeadDimV + wg * kColsPerWarpgroup + 2 * q4;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          *reinterpret_cast<float2*>(acc + 8 * j) =
+              make_float2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+        }
+        if (wg == 0 && q4 == 0) p.lse_accum[acc_row] = lse_val;
+      }
+    }
+  }
+}
+
 }  // namespace hopper
 
 bool hopper_kernel_available() { return true; }
@@ -602,7 +1232,16 @@ cudaError_t launch_decode_hopper(const MlaDecodeParams& params, cudaStream_t str
   const dim3 grid((params.rows_per_kv + hopper::kBlockM - 1) / hopper::kBlockM,
                   params.num_heads_kv, params.num_sm_parts);
   const dim3 block(hopper::kThreads);
+#if JFM_HOPPER_SEESAW
+  // One 64-row query tile per KV head: memory-bound, WG1 does P_a V_a before S_b (see kernel).
+  const bool pv_first = grid.x == 1;
+  auto kernel = bf16 ? (pv_first ? hopper::mla_decode_hopper_seesaw_kernel<true, true>
+                                 : hopper::mla_decode_hopper_seesaw_kernel<true, false>)
+                     : (pv_first ? hopper::mla_decode_hopper_seesaw_kernel<false, true>
+                                 : hopper::mla_decode_hopper_seesaw_kernel<false, false>);
+#else
   auto kernel = bf16 ? hopper::mla_decode_hopper_kernel<true> : hopper::mla_decode_hopper_kernel<false>;
+#endif
   // Per-device attribute, host-side only (no stream work): safe under graph capture.
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          hopper::kSmemBytes);
