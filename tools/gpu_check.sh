@@ -7,7 +7,7 @@
 #   tools/gpu_check.sh LOGDIR [bench arguments...]
 #
 # Environment: TEST_FILES (default: the GPU suites), PORTABLE_LIMIT / HOPPER_LIMIT / BENCH_LIMIT
-# (seconds), VARIANT_FLAGS (nvcc flags of the variant, e.g. "-DJFM_HOPPER_SEESAW=0"; unset: no
+# (seconds; 0 skips that test stage), VARIANT_FLAGS (nvcc flags of the variant, e.g. "-DJFM_HOPPER_SEESAW=0"; unset: no
 # variant), VARIANT_KERNELS (implementations the variant's benchmark times; default hopper).
 set -u
 logs=$(mkdir -p "${1:?usage: tools/gpu_check.sh LOGDIR [bench args]}" && cd "$1" && pwd)
@@ -30,6 +30,7 @@ cd /tmp || exit 1
 run_tests() {  # name, time limit, pytest arguments...
   local name=$1 limit=$2
   shift 2
+  [ "$limit" = 0 ] && return  # a limit of 0 skips the stage
   echo "== tests: $name"
   # shellcheck disable=SC2086
   timeout "$limit" python3 -m pytest $(printf "$repo/%s " $test_files) -q -p no:cacheprovider \
