@@ -56,10 +56,11 @@ def test_sharded_decode_matches_single_device(examples_on_path):
     import jax
     import sharded_decode
 
-    assert len(jax.devices()) == 8, "conftest asks for 8 CPU devices"
+    # Every device of the default backend: conftest's 8 virtual ones on CPU. 8 prompts split
+    # evenly over 1, 2, 4 or 8 GPUs too.
     result = sharded_decode.main("tiny", num_layers=1, prompt_lengths=(3, 63, 66, 1, 9, 20, 2, 5),
                                  num_decode_steps=2)
-    assert result["devices"] == 8
+    assert result["devices"] == len(jax.devices())
     assert result["data_parallel"] < 0.02 and result["tensor_parallel"] < 0.02
 
 

@@ -65,12 +65,5 @@ __device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t count) 
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
-// Arrives at named barrier `id` without waiting (producer side of a one-way hand-off); the
-// barrier completes when `count` threads arrived or synced. Orders this thread's earlier
-// shared-memory accesses before the consumers' bar.sync returns.
-__device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-
 }  // namespace hopper
 }  // namespace jax_flashmla

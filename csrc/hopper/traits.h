@@ -55,21 +55,5 @@ constexpr bool kSplitS = true;
 #endif
 constexpr int kCtaBarrierId = 3;  // named barrier over all 256 threads (split-S exchanges)
 
-// Seesaw schedule (decode_hopper.cu, mla_decode_hopper_seesaw_kernel): pages are taken in
-// pairs (a, b); WG0 computes S of page a, WG1 S of page b, each keeps its own P in registers for
-// its half of O and hands it to the other warpgroup through the page's RoPE box (box 8, free
-// once that page's S is done). Build with -DJFM_HOPPER_SEESAW=0 for the split-S kernel above.
-#ifndef JFM_HOPPER_SEESAW
-#define JFM_HOPPER_SEESAW 1
-#endif
-constexpr bool kSeesaw = JFM_HOPPER_SEESAW != 0;
-constexpr int kBarPReadyA = 4;  // named barrier, 256: WG0 arrives (m_a, P_a published), WG1 syncs
-constexpr int kBarPReadyB = 5;  // named barrier, 256: WG1 arrives (m_b, P_b published), WG0 syncs
-constexpr int kRopeBox = kNumBoxesQK - 1;  // box 8: RoPE columns, read by S only; holds P later
-// Box groups a warpgroup re-arms once it is the last reader of them (see the seesaw header).
-constexpr uint32_t kBoxesVL = 0x00Fu;             // boxes 0..3 (V columns 0..255)
-constexpr uint32_t kBoxesVR = 0x0F0u;             // boxes 4..7 (V columns 256..511)
-constexpr uint32_t kBoxRope = 1u << kRopeBox;     // box 8
-
 }  // namespace hopper
 }  // namespace jax_flashmla
