@@ -5,6 +5,8 @@ on compute capability 9.0. Outputs land in device memory that was just filled wi
 element a kernel forgets to write shows up as a NaN mismatch.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -44,13 +46,20 @@ def poison_device_memory(nbytes):
     del filler
 
 
+@functools.partial(jax.jit, static_argnames=("softmax_scale", "causal", "implementation"))
+def _decode(q, k_cache, block_table, cache_seqlens, *schedule, softmax_scale, causal,
+            implementation):
+    return jax_flashmla.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512,
+                                               *schedule, softmax_scale=softmax_scale,
+                                               causal=causal, implementation=implementation)
+
+
 def run(case, implementation, *schedule):
+    """Decodes `case` into freshly poisoned memory; one compiled program per shape and flags."""
     out_bytes = case.q.size // 576 * 512 * 2 * 4
     poison_device_memory(out_bytes + (1 << 26))
-    fn = jax.jit(lambda q, k, t, l, *s: jax_flashmla.flash_mla_with_kvcache(
-        q, k, t, l, 512, *s, softmax_scale=case.softmax_scale, causal=case.causal,
-        implementation=implementation))
-    out, lse = fn(*case.args, *schedule)
+    out, lse = _decode(*case.args, *schedule, softmax_scale=case.softmax_scale,
+                       causal=case.causal, implementation=implementation)
     return np.asarray(out), np.asarray(lse)
 
 

@@ -6,7 +6,7 @@
 #   tools/sanitize.sh LOGDIR [sanitize_cases.py arguments...]
 #
 # Environment: COMPUTE_SANITIZER (the binary), PYTHON, SANITIZE_LIMIT (seconds per tool, default
-# 300), SANITIZE_ALL_KERNELS=1 to check XLA's kernels too (much slower).
+# 300), SANITIZE_TOOLS (default "memcheck racecheck synccheck"), SANITIZE_ALL_KERNELS=1 to check XLA's kernels too (much slower).
 set -u
 logs=$(mkdir -p "${1:?usage: tools/sanitize.sh LOGDIR [sanitize_cases.py args]}" && cd "$1" && pwd)
 shift
@@ -38,7 +38,7 @@ fi
 # Run from outside the checkout so that `import jax_flashmla` finds the installed build.
 cd /tmp || exit 1
 status=0
-for tool in memcheck racecheck synccheck; do
+for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
   timeout "${SANITIZE_LIMIT:-300}" "$sanitizer" --tool "$tool" --target-processes all \
     ${filter[@]+"${filter[@]}"} --print-limit 200 --error-exitcode 3 \
     "${PYTHON:-python3}" "$repo/tools/sanitize_cases.py" "$@" > "$logs/$tool.log" 2>&1
