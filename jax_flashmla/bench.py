@@ -176,7 +176,7 @@ def measure(shape: Shape, implementations: list[str], with_reference: bool, seed
         try:
             reference_out = jax.jit(_decode_fn("reference"))(lengths, *shared, *problem.copies[0])
             row["xla_ms"] = device_time_per_call(_decode_fn("reference"), lengths, shared,
-                                                 problem.copies[:1], 3) * 1e3
+                                                 problem.copies, 3) * 1e3
         except Exception as error:  # noqa: BLE001 - the XLA baseline may not fit in memory
             if not _out_of_memory(error):
                 raise
