@@ -65,6 +65,24 @@ def make_case(rng, *, batch, seqlen_q, heads_q, heads_kv=1, lengths, dtype=ml_dt
     return Case(q, k_cache.astype(dtype), block_table, lengths, causal, scale)
 
 
+def stack_per_device(cases):
+    """Lays out one case per device for data-parallel decode with per-device page pools.
+
+    Returns global (q, pool, block_table, cache_seqlens): shard i of each on its first axis holds
+    case i, the pools padded to one size with NaN and the block ids left local to each pool.
+    """
+    shards, batch = len(cases), cases[0].q.shape[0]
+    blocks = max(c.k_cache.shape[0] for c in cases)
+    width = max(c.block_table.shape[1] for c in cases)
+    pools = np.full((shards, blocks) + cases[0].k_cache.shape[1:], np.nan, cases[0].k_cache.dtype)
+    tables = np.full((shards, batch, width), FAR_OUT_OF_RANGE, np.int32)
+    for i, c in enumerate(cases):
+        pools[i, :c.k_cache.shape[0]] = c.k_cache
+        tables[i, :, :c.block_table.shape[1]] = c.block_table
+    return (np.concatenate([c.q for c in cases]), pools.reshape((-1,) + pools.shape[2:]),
+            tables.reshape(shards * batch, width), np.concatenate([c.cache_seqlens for c in cases]))
+
+
 def oracle(case: Case):
     """float64 paged MLA decode, one sequence at a time, straight from the definition."""
     q = case.q.astype(np.float64)

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_flashmla
-from mla_cases import assert_close, make_case, random_lengths
+from mla_cases import assert_close, make_case, random_lengths, stack_per_device
 
 pytestmark = pytest.mark.multigpu
 
@@ -70,18 +70,10 @@ def test_shard_map_with_per_gpu_pools_matches_one_gpu():
     per_shard = 8
     cases = [make_case(rng, batch=per_shard, seqlen_q=1, heads_q=128, spare_blocks=2,
                        lengths=random_lengths(rng, per_shard, 2000)) for _ in range(shards)]
-    blocks = max(c.k_cache.shape[0] for c in cases)
-    width = max(c.block_table.shape[1] for c in cases)
-    pools = np.full((shards, blocks) + cases[0].k_cache.shape[1:], np.nan, cases[0].k_cache.dtype)
-    tables = np.full((shards, per_shard, width), 1 << 30, np.int32)
-    for i, c in enumerate(cases):
-        pools[i, :c.k_cache.shape[0]] = c.k_cache
-        tables[i, :, :c.block_table.shape[1]] = c.block_table
     mesh = Mesh(np.array(devices), ("data",))
     fn = jax.jit(jax.shard_map(decode, mesh=mesh, in_specs=(P("data"),) * 4,
                                out_specs=(P("data"), P("data"))))
-    args = (np.concatenate([c.q for c in cases]), pools.reshape((-1,) + pools.shape[2:]),
-            tables.reshape(-1, width), np.concatenate([c.cache_seqlens for c in cases]))
+    args = stack_per_device(cases)
     out, lse = fn(*args)
     assert not [name for name in COLLECTIVES if name in fn.lower(*args).compile().as_text()]
     for i, c in enumerate(cases):

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_flashmla
-from mla_cases import assert_close, make_case, oracle, random_lengths
+from mla_cases import assert_close, make_case, oracle, random_lengths, stack_per_device
 
 COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "collective-permute", "reduce-scatter")
 
@@ -78,17 +78,7 @@ def test_shard_map_with_per_device_pools_and_local_block_ids(mesh):
     shards, batch_per_shard = 4, 2
     cases = [make_case(rng, batch=batch_per_shard, seqlen_q=1, heads_q=4, spare_blocks=2,
                        lengths=random_lengths(rng, batch_per_shard, 120)) for _ in range(shards)]
-    blocks = max(c.k_cache.shape[0] for c in cases)
-    width = max(c.block_table.shape[1] for c in cases)
-    pools = np.full((shards, blocks) + cases[0].k_cache.shape[1:], np.nan, cases[0].k_cache.dtype)
-    tables = np.full((shards, batch_per_shard, width), 1 << 30, np.int32)
-    for i, c in enumerate(cases):
-        pools[i, :c.k_cache.shape[0]] = c.k_cache
-        tables[i, :, :c.block_table.shape[1]] = c.block_table
-    q = np.concatenate([c.q for c in cases])
-    lengths = np.concatenate([c.cache_seqlens for c in cases])
-    pool = pools.reshape((shards * blocks,) + pools.shape[2:])
-    table = tables.reshape(shards * batch_per_shard, width)
+    q, pool, table, lengths = stack_per_device(cases)
 
     data_mesh = Mesh(np.array(jax.devices("cpu")[:shards]), ("data",))
 

@@ -1,0 +1,41 @@
+"""The benchmark CLI (the README's main job) on a tiny CPU problem: every output it promises."""
+
+import csv
+import json
+
+import pytest
+
+from jax_flashmla import bench
+
+
+def test_custom_shapes_produce_table_csv_json_markdown_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    paths = {kind: tmp_path / f"rows.{kind}" for kind in ("csv", "json", "md", "png")}
+    exit_code = bench.main(["--table", "custom", "--batch", "2", "--seqlen", "100", "300",
+                            "--heads", "4", "--seqlen-q", "1", "2",
+                            "--csv", str(paths["csv"]), "--json", str(paths["json"]),
+                            "--markdown", str(paths["md"]), "--plot", str(paths["png"])])
+    assert exit_code == 0
+    printed = capsys.readouterr().out
+    assert printed.count("| 2 | ") == 4  # one table row per shape
+    rows = json.loads(paths["json"].read_text())["rows"]
+    assert [(r["seqlen_k"], r["seqlen_q"]) for r in rows] == [(100, 1), (100, 2), (300, 1), (300, 2)]
+    assert all(r["reference_ms"] > 0 and r["reference_gbps"] > 0 for r in rows)
+    with open(paths["csv"]) as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+    assert "commit" in paths["md"].read_text()
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_standard_table_is_deepseeks_benchmark():
+    shapes = bench.TABLES["standard"]
+    assert len(shapes) == 16
+    assert {s.batch for s in shapes} == {128}
+    assert {(s.seqlen_k, s.heads_q, s.seqlen_q) for s in shapes} == {
+        (k, h, q) for k in (4096, 8192) for h in (16, 32, 64, 128) for q in (1, 2)}
+
+
+def test_byte_and_flop_counts_follow_the_perf_notes():
+    shape = bench.Shape(batch=2, seqlen_k=10, heads_q=4, seqlen_q=2)
+    assert bench.bytes_moved(shape, total_tokens=30) == (30 * 576 + 2 * 2 * 4 * 1088) * 2
+    assert bench.flops(shape, total_tokens=30) == 2 * 30 * 4 * 1088 * 2
