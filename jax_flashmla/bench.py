@@ -163,7 +163,8 @@ def _out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error)
 
 
-def measure(shape: Shape, implementations: list[str], with_reference: bool, seed: int = 0):
+def measure(shape: Shape, implementations: list[str], with_reference: bool, seed: int = 0,
+            max_calls: int = 400, repeats: int = 5):
     problem = make_problem(shape, seed)
     metadata, splits = jax.jit(jax_flashmla.get_mla_metadata, static_argnums=(1, 2))(
         problem.cache_seqlens, shape.seqlen_q * shape.heads_q, 1)
@@ -176,7 +177,8 @@ def measure(shape: Shape, implementations: list[str], with_reference: bool, seed
         try:
             reference_out = jax.jit(_decode_fn("reference"))(lengths, *shared, *problem.copies[0])
             row["xla_ms"] = device_time_per_call(_decode_fn("reference"), lengths, shared,
-                                                 problem.copies, 3) * 1e3
+                                                 problem.copies, min(3, max_calls),
+                                                 repeats) * 1e3
         except Exception as error:  # noqa: BLE001 - the XLA baseline may not fit in memory
             if not _out_of_memory(error):
                 raise
@@ -188,8 +190,9 @@ def measure(shape: Shape, implementations: list[str], with_reference: bool, seed
             row[f"{name}_max_abs_err_lse"] = max_abs_error(out[1], reference_out[1])
         rough = device_time_per_call(_decode_fn(name), lengths, shared, problem.copies, 2,
                                      repeats=1)
-        calls = int(min(max(20e-3 / rough, 5), 400))
-        seconds = device_time_per_call(_decode_fn(name), lengths, shared, problem.copies, calls)
+        calls = int(min(max(20e-3 / rough, 5), max_calls))
+        seconds = device_time_per_call(_decode_fn(name), lengths, shared, problem.copies, calls,
+                                       repeats)
         row[f"{name}_ms"] = seconds * 1e3
         row[f"{name}_gbps"] = bytes_moved(shape, problem.total_tokens) / seconds / 1e9
         row[f"{name}_tflops"] = flops(shape, problem.total_tokens) / seconds / 1e12
@@ -311,6 +314,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", nargs="+", default=None,
                         help="implementations to time (default: every kernel this GPU has)")
     parser.add_argument("--no-reference", action="store_true", help="skip the XLA reference")
+    parser.add_argument("--max-calls", type=int, default=400,
+                        help="most decode calls chained in one timed program")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median is kept)")
     parser.add_argument("--markdown", help="append the table, card, date and commit to this file")
     parser.add_argument("--json", help="write the rows as JSON to this file")
     parser.add_argument("--csv", help="write the rows as CSV to this file")
@@ -343,7 +349,8 @@ def main(argv=None) -> int:
     progress = _progress(shapes, len(shapes))
     log = getattr(progress, "write", lambda line: print(line, file=sys.stderr, flush=True))
     for shape in progress:
-        rows.append(measure(shape, implementations, with_reference))
+        rows.append(measure(shape, implementations, with_reference,
+                            max_calls=args.max_calls, repeats=args.repeats))
         log(f"{shape}: " + ", ".join(f"{k}={v:.4g}" for k, v in rows[-1].items()
                                      if isinstance(v, float)))
     text = format_table(rows, implementations)
