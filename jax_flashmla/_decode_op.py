@@ -174,16 +174,6 @@ _partitioned_decode.def_partition(
 )
 
 
-def _partitioned_decode_for_rule(q, k_cache, block_table, cache_seqlens, metadata, num_splits, *,
-                                 head_dim_v, softmax_scale, causal, implementation):
-    return _partitioned_decode(q, k_cache, block_table, cache_seqlens, metadata, num_splits,
-                               head_dim_v, softmax_scale, causal, implementation)
-
-
-def _local_decode_for_rule(*args, **params):
-    return _local_decode(*args, *(params[name] for name in _STATIC_PARAMS))
-
-
 def _is_partitioned(ctx) -> bool:
     axis_context = ctx.module_context.axis_context
     return (isinstance(axis_context, sharding_impls.ShardingContext)
@@ -199,8 +189,10 @@ mla_decode_p.def_impl(functools.partial(dispatch.apply_primitive, mla_decode_p))
 
 
 def _outer_lowering(ctx, *args, **params):
-    impl = _partitioned_decode_for_rule if _is_partitioned(ctx) else _local_decode_for_rule
-    return mlir.lower_fun(impl, multiple_results=True)(ctx, *args, **params)
+    decode = _partitioned_decode if _is_partitioned(ctx) else _local_decode
+    static = [params[name] for name in _STATIC_PARAMS]
+    return mlir.lower_fun(lambda *arrays: decode(*arrays, *static),
+                          multiple_results=True)(ctx, *args)
 
 
 # custom_partitioning needs the device assignment while lowering; JAX only keeps it for primitives
