@@ -7,7 +7,7 @@
 #   tools/gpu_check.sh LOGDIR [bench arguments...]
 #
 # Environment: TEST_FILES (default: the GPU suites), PORTABLE_LIMIT / HOPPER_LIMIT / BENCH_LIMIT
-# (seconds; 0 skips that test stage), VARIANT_FLAGS (nvcc flags of the variant, e.g. "-DJFM_HOPPER_SEESAW=0"; unset: no
+# (seconds; 0 skips that test stage), VARIANT_FLAGS (nvcc flags of the variant, e.g. "-DJFM_HOPPER_PV_N64"; unset: no
 # variant), VARIANT_KERNELS (implementations the variant's benchmark times; default hopper).
 set -u
 logs=$(mkdir -p "${1:?usage: tools/gpu_check.sh LOGDIR [bench args]}" && cd "$1" && pwd)
