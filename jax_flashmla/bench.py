@@ -118,20 +118,26 @@ def _chained_calls(op, calls: int):
     return program
 
 
-def device_time_per_call(op, lengths, shared, rotating, calls: int, repeats: int = 5) -> float:
-    """Seconds per call: (t(2N) - t(N)) / N, median over repeats."""
-    short, long = _chained_calls(op, calls), _chained_calls(op, 2 * calls)
-    short(lengths, shared, rotating).block_until_ready()
-    long(lengths, shared, rotating).block_until_ready()
+def seconds_per_call(short, long, args, calls: int, repeats: int = 5) -> float:
+    """(t(long) - t(short)) / calls, median over repeats, for programs chaining `calls` and
+    `2 * calls` calls: the difference cancels dispatch and launch overhead."""
+    short(*args).block_until_ready()
+    long(*args).block_until_ready()
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        short(lengths, shared, rotating).block_until_ready()
+        short(*args).block_until_ready()
         middle = time.perf_counter()
-        long(lengths, shared, rotating).block_until_ready()
+        long(*args).block_until_ready()
         end = time.perf_counter()
         samples.append(((end - middle) - (middle - start)) / calls)
     return max(statistics.median(samples), 1e-9)
+
+
+def device_time_per_call(op, lengths, shared, rotating, calls: int, repeats: int = 5) -> float:
+    """Seconds per call of `op`, chained as in _chained_calls."""
+    return seconds_per_call(_chained_calls(op, calls), _chained_calls(op, 2 * calls),
+                            (lengths, shared, rotating), calls, repeats)
 
 
 def _decode_fn(implementation: str):

@@ -1,18 +1,9 @@
-"""Eight virtual CPU devices for the sharding tests, and the `gpu` marker's skip rule."""
+"""Eight virtual CPU devices for the sharding tests, and the skip rules of the `gpu` and `multigpu` markers."""
 
 import jax
 import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
-
-
-def _cuda_ready() -> bool:
-    import jax_flashmla
-    try:
-        has_gpu = any(device.platform == "gpu" for device in jax.devices())
-    except RuntimeError:
-        has_gpu = False
-    return has_gpu and jax_flashmla.cuda_extension_available()
 
 
 def _gpu_count() -> int:
@@ -23,8 +14,9 @@ def _gpu_count() -> int:
 
 
 def pytest_collection_modifyitems(config, items):
-    cuda_ready = _cuda_ready()
-    several_gpus = cuda_ready and _gpu_count() >= 2
+    import jax_flashmla
+    gpus = _gpu_count() if jax_flashmla.cuda_extension_available() else 0
+    cuda_ready, several_gpus = gpus >= 1, gpus >= 2
     for item in items:
         if "gpu" in item.keywords and not cuda_ready:
             item.add_marker(pytest.mark.skip(

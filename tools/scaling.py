@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_flashmla
-from jax_flashmla.bench import Shape, bytes_moved, flops, git_commit
+from jax_flashmla.bench import Shape, bytes_moved, flops, git_commit, seconds_per_call
 
 PAGE = 64
 HEAD_DIM = 576
@@ -74,19 +72,9 @@ def timed_program(local_decode, mesh, in_specs, calls: int):
 
 
 def seconds_per_step(local_decode, mesh, in_specs, args, calls: int = 20, repeats: int = 5):
-    short = timed_program(local_decode, mesh, in_specs, calls)
-    long = timed_program(local_decode, mesh, in_specs, 2 * calls)
-    short(*args).block_until_ready()
-    long(*args).block_until_ready()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        short(*args).block_until_ready()
-        middle = time.perf_counter()
-        long(*args).block_until_ready()
-        end = time.perf_counter()
-        samples.append(((end - middle) - (middle - start)) / calls)
-    return statistics.median(samples)
+    return seconds_per_call(timed_program(local_decode, mesh, in_specs, calls),
+                            timed_program(local_decode, mesh, in_specs, 2 * calls), args, calls,
+                            repeats)
 
 
 def decode(q, pool, table, lengths, metadata, splits):
