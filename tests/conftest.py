@@ -1,4 +1,4 @@
-"""Eight virtual CPU devices for the sharding tests, and the skip rules of the `gpu` and `multigpu` markers."""
+"""Eight virtual CPU devices for the sharding tests; skip rules of the gpu / multigpu markers."""
 
 import jax
 import pytest
