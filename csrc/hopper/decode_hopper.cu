@@ -5,20 +5,19 @@
 // scheduler partition. 256 threads = two warpgroups (WG0, WG1), both consumers.
 //
 // Per sequence:
-//   Q tile (64 x 576) -> smem with ordinary loads, stored 128B-swizzled (9 boxes of 64 cols).
+//   Q tile (64 x 576) -> smem by cp.async, stored 128B-swizzled (9 boxes of 64 cols). The next
+//   sequence's Q is started as soon as the current one's last S has completed (see below).
 // Per page k of the CTA's flat page stream (pages of all its sequences, in order):
 //   stage = k % 2, the TMA destination of that page; 9 mbarriers per stage, one per 64-column
 //   box, so S can start on box 0 while boxes 1..8 are still landing.
-//   Split-S mode (default, traits.h kSplitS): warpgroup w computes S for tokens 32w..32w+31
-//   (wgmma m64n32k16 x 36, Q and K both K-major in smem), writes its half-row maxima to smem
-//   [barrier X], takes the max of both halves (identical in both warpgroups), runs the fp32
-//   online softmax on its half (exp2, scale folded in), writes its half of P (16-bit, swizzled
-//   like a TMA box) to smem [fence.proxy.async, barrier Y], and accumulates its 256 columns of
-//   O += P V with wgmma m64n256k16, A = P from smem, B = V = the first 512 columns of the same
-//   smem K tile read as an MN-major operand (no second load). Row sums stay per half and are
-//   added once in the epilogue.
-//   Redundant-S mode (-DJFM_HOPPER_REDUNDANT_S): both warpgroups compute the whole S
-//   (m64n64k16) and P V takes P from registers; no cross-warpgroup exchange at all.
+//   Split S: warpgroup w computes S for tokens 32w..32w+31 (wgmma m64n32k16 x 36, Q and K both
+//   K-major in smem), writes its half-row maxima to smem [barrier X], takes the max of both
+//   halves (identical in both warpgroups), runs the fp32 online softmax on its half (exp2, scale
+//   folded in; O is rescaled only when a row maximum of the warp moved), writes its half of P
+//   (16-bit, swizzled like a TMA box) to smem [fence.proxy.async, barrier Y], and accumulates
+//   its 256 columns of O += P V with wgmma m64n256k16, A = P from smem, B = V = the first 512
+//   columns of the same smem K tile read as an MN-major operand (no second load). Row sums stay
+//   per half and are added once in the epilogue.
 //   After a warpgroup's P V has completed, its leader thread counts a release of the stage; the
 //   second release (either warpgroup's leader) issues the TMA of page k + 2 into that stage.
 //
@@ -34,18 +33,20 @@
 //   * a warpgroup-wide named barrier (id 1 + wg) precedes the release, so every thread's wgmma
 //     reads of the stage have completed (each thread did wgmma.wait_group 0) and the tail
 //     zeroing stores are done.
-//   * split-S barriers X and Y (named barrier 3, all 256 threads), once each per loaded page:
+//   * barriers X and Y (named barrier 3, all 256 threads), once each per loaded page:
 //     X orders the row-max writes before the reads; Y orders the P stores (and the V tail
 //     zeros) before both warpgroups' P V wgmmas. Reuse: a warpgroup reaches X of page k + 1
 //     only after its P V of page k completed, so P / row maxima are never overwritten while
 //     still read; a single buffer of each suffices.
 //   * tail zeroing: on the page holding the sequence end, tokens past the end are garbage
 //     (NaN in tests) and 0 * NaN = NaN in P V, so each warpgroup zeroes those rows of its own
-//     four V boxes after its S is done, then fence.proxy.async (generic -> async proxy) and a
-//     barrier (Y, or its warpgroup barrier) before its P V. The other warpgroup may read those
+//     four V boxes after its S is done, then fence.proxy.async (generic -> async proxy) and
+//     barrier Y before its P V. The other warpgroup may read those
 //     rows for its S concurrently; it masks them, so either value is harmless.
-//   * Q: __syncthreads before overwriting Q (both warpgroups' S wgmmas on the old Q have
-//     completed), then stores, fence.proxy.async, __syncthreads before the first wgmma.
+//   * Q: the next sequence's copies start only where both warpgroups' S wgmmas on the old Q
+//     have completed: past barrier X of the sequence's last page, or (no readable last page)
+//     past the epilogue's barrier. Each thread waits for its copies, fence.proxy.async, and a
+//     __syncthreads precedes the first wgmma on the new Q (finish_q_load).
 //
 // Shared memory: Q 72 KB + 2 x 72 KB K stages + P 8 KB + row max / sums 1 KB + barriers
 // = 230,552 B (+1 KB alignment slack = 231,576 B of the 232,448 B limit).
@@ -148,34 +149,49 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
-// Loads the 64 x 576 Q tile of (sequence s, KV head kvh, tile_m) into smem, 128B-swizzled like
-// a TMA box: element (r, c) at box c/64, byte r*128 + ((c%64/8) ^ (r%8))*16 + (c%8)*2. Rows
-// past rows_per_kv are zero (their S rows are never written out).
-__device__ __forceinline__ void load_q_tile(const MlaDecodeParams& p, int s, int kvh, int tile_m,
-                                            uint8_t* smem_q, int tid) {
+// Starts copying the 64 x 576 Q tile of (sequence s, KV head kvh, tile_m) into smem with cp.async,
+// 128B-swizzled like a TMA box: element (r, c) at box c/64, byte r*128 + ((c%64/8) ^ (r%8))*16 +
+// (c%8)*2. Rows past rows_per_kv are zero-filled (their S rows are never written out). The copies
+// are asynchronous: the caller overlaps them with other work and completes them with
+// finish_q_load before the first wgmma reads Q.
+__device__ __forceinline__ void start_q_load(const MlaDecodeParams& p, int s, int kvh, int tile_m,
+                                             uint32_t q_addr, int tid) {
   constexpr int kChunksPerRow = kHeadDimQK / 8;                // 72 16-byte chunks
   constexpr int kChunks = kBlockM * kChunksPerRow;             // 4608
   constexpr int kIters = kChunks / kThreads;                   // 18
   static_assert(kChunks % kThreads == 0, "Q tile chunks must divide evenly");
   const uint4* q = reinterpret_cast<const uint4*>(p.q);
-#pragma unroll 6
+  // Rolled: the copies need no registers to land in, and this runs where O's 128 accumulator
+  // registers are live.
+#pragma unroll 1
   for (int it = 0; it < kIters; ++it) {
     const int idx = tid + it * kThreads;
     const int r = idx / kChunksPerRow;
     const int c8 = idx - r * kChunksPerRow;
     const int row = tile_m * kBlockM + r;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    const uint4* src = q;  // any valid address: a zero-fill copy reads no byte of it
+    int src_bytes = 0;
     if (row < p.rows_per_kv) {
       const int tq = row / p.heads_per_kv;
       const int hh = row - tq * p.heads_per_kv;
       const size_t q_row =
           (static_cast<size_t>(s) * p.seqlen_q + tq) * p.num_heads_q + kvh * p.heads_per_kv + hh;
-      v = __ldg(q + q_row * kChunksPerRow + c8);
+      src = q + q_row * kChunksPerRow + c8;
+      src_bytes = 16;
     }
     const int box = c8 >> 3;
     const int ch = c8 & 7;
-    *reinterpret_cast<uint4*>(smem_q + box * kBoxBytes + r * 128 + ((ch ^ (r & 7)) << 4)) = v;
+    cp_async_16(q_addr + box * kBoxBytes + r * 128 + ((ch ^ (r & 7)) << 4), src, src_bytes);
   }
+  cp_async_commit();
+}
+
+// Completes start_q_load: this thread's copies landed, are made visible to the async proxy
+// (wgmma reads Q from there), and the barrier extends that to every thread's copies.
+__device__ __forceinline__ void finish_q_load() {
+  cp_async_wait_all();
+  fence_proxy_async_smem();
+  __syncthreads();
 }
 
 template <bool kBf16>
@@ -262,6 +278,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint64_t desc_q = make_smem_desc(q_addr, 16, 1024);
 
   int k = 0;  // index of the current page in the CTA's flat page stream
+  // Q of the first sequence; each later sequence's Q is copied in while the one before finishes.
+  start_q_load(p, pt.begin_seq, kvh, tile_m, q_addr, tid);
   for (int s = pt.begin_seq; s <= pt.end_seq; ++s) {
     const int len_raw = __ldg(p.seqlens + s);
     const bool malformed = len_raw < 0 || len_raw > cap;
@@ -275,11 +293,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 2; ++i) lim[i] = causal ? min(hi, len - p.seqlen_q + 1 + t_q[i]) : hi;
     const int tile_lim = causal ? min(hi, len - p.seqlen_q + 1) : hi;
 
-    // Q of this sequence. (a) both warpgroups finished their S wgmmas on the previous Q.
-    __syncthreads();
-    load_q_tile(p, s, kvh, tile_m, smem + kSmemQ, tid);
-    fence_proxy_async_smem();  // generic stores -> visible to wgmma (async proxy) ...
-    __syncthreads();           // ... of every thread, after this barrier
+    finish_q_load();              // Q of sequence s is in smem, visible to every wgmma
+    bool next_q_started = false;  // uniform over the CTA
 
     float o[128];
 #pragma unroll
@@ -301,17 +316,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int base = page * kPageSize;  // first token of the page
 
       if (page_ok) {
-        // Columns (tokens) of S this warpgroup computes: all 64, or its half in split-S mode.
-        constexpr int kSCols = kSplitS ? kBlockN / 2 : kBlockN;
-        constexpr int kSChunks = kSCols / 8;  // 8-column accumulator chunks
-        const int col0 = kSplitS ? wg * kSCols : 0;
+        constexpr int kSChunks = kSColsPerWarpgroup / 8;  // 8-column accumulator chunks
+        const int col0 = wg * kSColsPerWarpgroup;       // this warpgroup's tokens of the page
 
         // ---- S = Q K^T (k = 576): 9 boxes x 4 k16-steps, each box once its TMA landed ----
-        // B = token rows col0..col0+kSCols-1 of each K box (row r at r*128 bytes; col0*128 is a
+        // B = token rows col0..col0+31 of each K box (row r at r*128 bytes; col0*128 is a
         // multiple of 1024, so the swizzle phase is unchanged).
-        float sacc[kSCols / 2];
+        float sacc[kSColsPerWarpgroup / 2];
 #pragma unroll
-        for (int i = 0; i < kSCols / 2; ++i) sacc[i] = 0.f;
+        for (int i = 0; i < kSColsPerWarpgroup / 2; ++i) sacc[i] = 0.f;
         const uint64_t desc_k = make_smem_desc(kst + col0 * 128, 16, 1024);
         fence_regs(sacc);
 #pragma unroll
@@ -323,13 +336,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) {
             const uint32_t off = box * kBoxBytes + kk * 32;
-            if constexpr (kSplitS) {
-              Mma::qk32(sacc, desc_advance(desc_q, off), desc_advance(desc_k, off),
-                        (box | kk) != 0 ? 1 : 0);
-            } else {
-              Mma::qk64(sacc, desc_advance(desc_q, off), desc_advance(desc_k, off),
-                        (box | kk) != 0 ? 1 : 0);
-            }
+            Mma::qk32(sacc, desc_advance(desc_q, off), desc_advance(desc_k, off),
+                      (box | kk) != 0 ? 1 : 0);
           }
         }
         wgmma_commit();
@@ -337,8 +345,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_regs(sacc);
 
         // ---- zero V rows past the sequence end (own V boxes only) before P V reads them ----
-        // Made visible to this warpgroup's P V by fence.proxy.async + the barrier that
-        // precedes P V (the CTA barrier "Y" in split-S mode, a warpgroup barrier otherwise).
+        // Made visible to this warpgroup's P V by fence.proxy.async + barrier Y.
         const bool tail = base + kPageSize > hi;
         if (tail) {
           const int first = hi - base;  // 0 < first < 64 here
@@ -369,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
 
-        // ---- online softmax (fp32, exp2 with the scale folded in) ----
+        // ---- row maxima of the page: own half, then the other warpgroup's through smem ----
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int j = 0; j < kSChunks; ++j) {
@@ -381,24 +388,34 @@ __global__ void __launch_bounds__(kThreads, 1)
           mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
           mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
         }
-        if constexpr (kSplitS) {
-          // Exchange the half-row maxima. Barrier X: both halves written. Reuse hazard: the
-          // next page's writes happen after barrier Y of this page, i.e. after both reads.
-          float* row_max = reinterpret_cast<float*>(smem + kSmemRowMax);
-          if (q4 == 0) {
+        // Barrier X: both halves written. Reuse hazard: the next page's writes happen after
+        // barrier Y of this page, i.e. after both reads.
+        float* row_max = reinterpret_cast<float*>(smem + kSmemRowMax);
+        if (q4 == 0) {
 #pragma unroll
-            for (int i = 0; i < 2; ++i) row_max[wg * kBlockM + warp * 16 + g + 8 * i] = mx[i];
-          }
-          named_barrier_sync(kCtaBarrierId, kThreads);  // X
-#pragma unroll
-          for (int i = 0; i < 2; ++i)
-            mx[i] = fmaxf(mx[i], row_max[(wg ^ 1) * kBlockM + warp * 16 + g + 8 * i]);
+          for (int i = 0; i < 2; ++i) row_max[wg * kBlockM + warp * 16 + g + 8 * i] = mx[i];
         }
+        named_barrier_sync(kCtaBarrierId, kThreads);  // X
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+          mx[i] = fmaxf(mx[i], row_max[(wg ^ 1) * kBlockM + warp * 16 + g + 8 * i]);
+
+        // Past X both warpgroups' S wgmmas of this page have completed: on the sequence's last
+        // page Q is no longer read, so the next sequence's Q copies in behind this page's
+        // softmax, P V and the epilogue instead of in front of the next sequence's first S.
+        if (page == page_end - 1 && s < pt.end_seq) {
+          start_q_load(p, s + 1, kvh, tile_m, q_addr, tid);
+          next_q_started = true;
+        }
+
+        // ---- online softmax (fp32, exp2 with the scale folded in) ----
         float alpha[2];
         float msub[2];
+        bool max_moved = false;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const float m_new = fmaxf(m_run[i], mx[i]);
+          max_moved = max_moved || m_new != m_run[i];
           // A row with no visible key so far keeps m = -inf; subtract 0 then so that
           // exp2(-inf - (-inf)) never happens: masked scores give exp2(-inf) = 0.
           const float m_use = m_new == -INFINITY ? 0.f : m_new;
@@ -418,74 +435,52 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
 #pragma unroll
         for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rsum[i];
+        // alpha is exactly 1 for a row whose max did not move (exp2(0) = 1): skip the 128
+        // multiplies when that holds for all 16 rows of the warp, as on most pages of a long
+        // sequence once its largest scores have been seen. Warp-uniform branch.
+        if (__any_sync(0xffffffffu, max_moved)) {
 #pragma unroll
-        for (int j = 0; j < 32; ++j) {
+          for (int j = 0; j < 32; ++j) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) o[4 * j + e] *= alpha[e >> 1];
+            for (int e = 0; e < 4; ++e) o[4 * j + e] *= alpha[e >> 1];
+          }
         }
 
+        // ---- P (16-bit) -> smem tile, K-major and 128B-swizzled like a TMA box: element
+        // (r, c) at r*128 + ((c/8) ^ (r%8))*16 + (c%8)*2. Each thread stores column pairs;
+        // within a warp the 8 rows hit 8 distinct 16-byte slots: conflict-free.
+        uint8_t* p_tile = smem + kSmemP;
+#pragma unroll
+        for (int j = 0; j < kSChunks; ++j) {
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int r = warp * 16 + g + 8 * i;
+            const int chunk = (col0 >> 3) + j;
+            *reinterpret_cast<uint32_t*>(p_tile + r * 128 + ((chunk ^ (r & 7)) << 4) + q4 * 4) =
+                pack2<kBf16>(sacc[4 * j + 2 * i], sacc[4 * j + 2 * i + 1]);
+          }
+        }
+        fence_proxy_async_smem();                     // P (and V tail zeros) -> async proxy
+        named_barrier_sync(kCtaBarrierId, kThreads);  // Y: both halves of P are in smem
+
+        // ---- O[:, 256*wg .. +255] += P V, A = P from smem (K-major, +32 B per k-step) ----
         const uint32_t v_addr = kst + wg * kBoxesPerWarpgroupV * kBoxBytes;
-        if constexpr (kSplitS) {
-          // ---- P (16-bit) -> smem tile, K-major and 128B-swizzled like a TMA box: element
-          // (r, c) at r*128 + ((c/8) ^ (r%8))*16 + (c%8)*2. Each thread stores column pairs;
-          // within a warp the 8 rows hit 8 distinct 16-byte slots: conflict-free.
-          uint8_t* p_tile = smem + kSmemP;
+        const uint64_t desc_p = make_smem_desc(base_addr + kSmemP, 16, 1024);
+        wgmma_fence();  // o was rescaled by ordinary instructions
+        fence_regs(o);
 #pragma unroll
-          for (int j = 0; j < kSChunks; ++j) {
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              const int r = warp * 16 + g + 8 * i;
-              const int chunk = (col0 >> 3) + j;
-              *reinterpret_cast<uint32_t*>(p_tile + r * 128 + ((chunk ^ (r & 7)) << 4) + q4 * 4) =
-                  pack2<kBf16>(sacc[4 * j + 2 * i], sacc[4 * j + 2 * i + 1]);
-            }
-          }
-          fence_proxy_async_smem();                     // P (and V tail zeros) -> async proxy
-          named_barrier_sync(kCtaBarrierId, kThreads);  // Y: both halves of P are in smem
-
-          // ---- O[:, 256*wg .. +255] += P V, A = P from smem (K-major, +32 B per k-step) ----
-          const uint64_t desc_p = make_smem_desc(base_addr + kSmemP, 16, 1024);
-          wgmma_fence();  // o was rescaled by ordinary instructions
-          fence_regs(o);
-#pragma unroll
-          for (int s2 = 0; s2 < 4; ++s2) {
+        for (int s2 = 0; s2 < 4; ++s2) {
 #ifndef JFM_HOPPER_PV_N64
-            // One m64n256k16: 4 boxes along N (LBO = 8192), tokens 16*s2.. (2048 B per step).
-            Mma::pv256_ss(o, desc_advance(desc_p, s2 * 32),
-                          make_smem_desc(v_addr + s2 * 2048, kBoxBytes, 1024));
+          // One m64n256k16: 4 boxes along N (LBO = 8192), tokens 16*s2.. (2048 B per step).
+          Mma::pv256_ss(o, desc_advance(desc_p, s2 * 32),
+                        make_smem_desc(v_addr + s2 * 2048, kBoxBytes, 1024));
 #else
 #pragma unroll
-            for (int b4 = 0; b4 < kBoxesPerWarpgroupV; ++b4)
-              Mma::pv64_ss(*reinterpret_cast<float(*)[32]>(o + 32 * b4),
-                           desc_advance(desc_p, s2 * 32),
-                           make_smem_desc(v_addr + b4 * kBoxBytes + s2 * 2048, kBoxBytes, 1024));
+          for (int b4 = 0; b4 < kBoxesPerWarpgroupV; ++b4)
+            Mma::pv64_ss(*reinterpret_cast<float(*)[32]>(o + 32 * b4),
+                         desc_advance(desc_p, s2 * 32),
+                         make_smem_desc(v_addr + b4 * kBoxBytes + s2 * 2048, kBoxBytes, 1024));
 #endif
-          }
-        } else {
-          // ---- P (16-bit A fragments): k-step s2 uses S columns 16*s2..16*s2+15 ----
-          uint32_t pfrag[4][4];
-#pragma unroll
-          for (int s2 = 0; s2 < 4; ++s2) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-              pfrag[s2][i] = pack2<kBf16>(sacc[8 * s2 + 2 * i], sacc[8 * s2 + 2 * i + 1]);
-          }
-          if (tail) named_barrier_sync(1 + wg, kWarpgroupThreads);  // V tail zeros stored
-
-          // ---- O[:, 256*wg .. +255] += P V, A = P from registers ----
-          wgmma_fence();  // o and pfrag were written by ordinary instructions
-          fence_regs(o);
-#pragma unroll
-          for (int s2 = 0; s2 < 4; ++s2) {
-#ifndef JFM_HOPPER_PV_N64
-            Mma::pv256_rs(o, pfrag[s2], make_smem_desc(v_addr + s2 * 2048, kBoxBytes, 1024));
-#else
-#pragma unroll
-            for (int b4 = 0; b4 < kBoxesPerWarpgroupV; ++b4)
-              Mma::pv64_rs(*reinterpret_cast<float(*)[32]>(o + 32 * b4), pfrag[s2],
-                           make_smem_desc(v_addr + b4 * kBoxBytes + s2 * 2048, kBoxBytes, 1024));
-#endif
-          }
         }
         wgmma_commit();
         wgmma_wait<0>();
@@ -521,19 +516,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
       l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
     }
-    if constexpr (kSplitS) {
-      // Each warpgroup summed only its own 32 columns of every page (with identical rescale
-      // factors), so the row sum is the sum of the two. The buffer is rewritten only after
-      // the next sequence's __syncthreads, i.e. after both reads.
-      float* row_sum = reinterpret_cast<float*>(smem + kSmemRowSum);
-      if (q4 == 0) {
+    // Each warpgroup summed only its own 32 columns of every page (with identical rescale
+    // factors), so the row sum is the sum of the two. The buffer is rewritten only after the
+    // next sequence's finish_q_load barrier, i.e. after both reads.
+    float* row_sum = reinterpret_cast<float*>(smem + kSmemRowSum);
+    if (q4 == 0) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) row_sum[wg * kBlockM + warp * 16 + g + 8 * i] = l_run[i];
-      }
-      named_barrier_sync(kCtaBarrierId, kThreads);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) l_run[i] += row_sum[(wg ^ 1) * kBlockM + warp * 16 + g + 8 * i];
+      for (int i = 0; i < 2; ++i) row_sum[wg * kBlockM + warp * 16 + g + 8 * i] = l_run[i];
     }
+    named_barrier_sync(kCtaBarrierId, kThreads);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) l_run[i] += row_sum[(wg ^ 1) * kBlockM + warp * 16 + g + 8 * i];
+    // Every thread has left the page loop, so no wgmma reads Q any more: if the last page did not
+    // start the next sequence's Q (no readable page), start it now, behind the output stores.
+    if (!next_q_started && s < pt.end_seq) start_q_load(p, s + 1, kvh, tile_m, q_addr, tid);
     const int split_begin = __ldg(p.num_splits + s);
     const bool split = __ldg(p.num_splits + s + 1) - split_begin > 1;
     const int slot = split_begin + (s == pt.begin_seq ? pt.begin_split : 0);

@@ -25,9 +25,9 @@ constexpr int kNumKStages = 2;                       // K/V page buffers (double
 // swizzle atoms and the wgmma descriptors with base offset 0 require):
 //   [0, 73728)            Q tile, 9 boxes of 64 rows x 64 cols, 128B-swizzled
 //   [73728, 221184)       K stages 0 and 1, 9 boxes each (TMA destinations)
-//   [221184, 229376)      P tile (64 rows x 64 tokens, 16-bit, 128B-swizzled; split-S mode)
-//   [229376, +512)        row maxima [warpgroup][64] (fp32; split-S mode)
-//   [229888, +512)        row sums [warpgroup][64] (fp32; split-S mode)
+//   [221184, 229376)      P tile (64 rows x 64 tokens, 16-bit, 128B-swizzled)
+//   [229376, +512)        row maxima [warpgroup][64] (fp32)
+//   [229888, +512)        row sums [warpgroup][64] (fp32)
 //   [230400, +144)        full barriers, [stage][box] (u64 each)
 //   [230544, +8)          release counters, one u32 per stage
 constexpr int kSmemQ = 0;
@@ -44,16 +44,12 @@ static_assert(kSmemBytes <= 227 * 1024, "exceeds the sm_90 per-block shared memo
 static_assert(kSmemBar % 8 == 0, "mbarriers need 8-byte alignment");
 static_assert(kSmemP % 1024 == 0, "P tile must be 1024-aligned (swizzle atom)");
 
-// Split-S mode (default): warpgroup w computes S for tokens 32w..32w+31 only, the two exchange
-// row maxima and P through smem, and both run O += P V with P read from smem. Define
-// JFM_HOPPER_REDUNDANT_S for the simpler mode where both warpgroups compute the whole S
-// redundantly and feed P V from registers (no cross-warpgroup exchange at all).
-#ifdef JFM_HOPPER_REDUNDANT_S
-constexpr bool kSplitS = false;
-#else
-constexpr bool kSplitS = true;
-#endif
-constexpr int kCtaBarrierId = 3;  // named barrier over all 256 threads (split-S exchanges)
+// Split S: warpgroup w computes S for tokens 32w..32w+31 of each page, the two exchange row maxima
+// and P through smem, and both run O += P V with P read from smem. (Both computing the whole S
+// and feeding P V from registers, with no exchange, was measured slower: see kernel-notes.md.)
+constexpr int kSColsPerWarpgroup = kBlockN / 2;
+
+constexpr int kCtaBarrierId = 3;  // named barrier over all 256 threads (the exchanges)
 
 }  // namespace hopper
 }  // namespace jax_flashmla

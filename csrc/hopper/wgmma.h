@@ -15,7 +15,7 @@
 // position c ^ (r % 8) -- exactly the 128B swizzle that TMA's CU_TENSOR_MAP_SWIZZLE_128B writes
 // when the box starts 1024-aligned. One swizzle atom = 8 rows x 128 bytes = 1024 bytes.
 //
-// K-major operand (Q as A and K as B for S = Q K^T, P as A for O = P V in split-S mode; the
+// K-major operand (Q as A and K as B for S = Q K^T, P as A for O = P V; the
 // row is the M/N index, the 64 columns of a box the reduction index k):
 //   * one wgmma k16 step reads 16 elements = 32 bytes of each row, inside one 128-byte row, so
 //     LBO (the distance between core matrices along K) is unused for swizzled K-major layouts;
@@ -47,11 +47,6 @@
 // tid of the warpgroup, warp w = tid / 32 (owns rows 16w..16w+15), lane l, g = l / 4, q = l % 4.
 // Register d[4*j + e], j = 0..N/8-1 (8-column chunk), e = 0..3:
 //     row = 16*w + g + 8*(e / 2),   col = 8*j + 2*q + (e % 2).
-// A-operand register fragment of wgmma.m64nNk16 for 16-bit types (4 x .b32, each 2 elements,
-// lower column in the low half): a[0] = (row 16w+g,   k 2q..2q+1), a[1] = (row 16w+g+8, k 2q..),
-// a[2] = (row 16w+g, k 2q+8..2q+9), a[3] = (row 16w+g+8, k 2q+8..). So the fp32 accumulator
-// chunks 2s and 2s+1 of S (columns 16s..16s+15) become, converted pairwise, exactly the A
-// fragment of k-step s: a[i] = pack(d[8s + 2i], d[8s + 2i + 1]).
 // ---------------------------------------------------------------------------------------------
 #pragma once
 
@@ -98,11 +93,6 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
-template <int N>
-__device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
-}
 
 // The fp32 accumulator fragment of an m64nN wgmma is N / 2 registers per thread: the instruction
 // string names them %0 .. %(N/2 - 1) and the operand list binds them to d[0 ..] read-write.
@@ -146,25 +136,6 @@ __device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
 // ---- instruction wrappers: one macro per shape, instantiated for bf16 and f16 (PTX has no
 // type parameter, so the type is pasted into the instruction string) ----
 
-// D(64x64, fp32) (+)= A(64x16, smem, K-major) * B(16x64, smem, K-major); scale_d == 0: D = A*B.
-#define JFM_DEFINE_WGMMA_M64N64K16_SS(TYPE)                                                 \
-__device__ __forceinline__ void wgmma_m64n64k16_ss_##TYPE(float (&d)[32], uint64_t desc_a,  \
-                                                    uint64_t desc_b, int scale_d) {         \
-  asm volatile(                                                                             \
-      "{\n"                                                                                 \
-      ".reg .pred p;\n"                                                                     \
-      "setp.ne.b32 p, %34, 0;\n"                                                            \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." #TYPE "." #TYPE " "                     \
-      JFM_WGMMA_D32_REGISTERS ", "                                                          \
-      "%32, %33, p, 1, 1, 0, 0;\n"                                                          \
-      "}\n"                                                                                 \
-      : JFM_WGMMA_D32_OPERANDS                                                              \
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                            \
-}
-JFM_DEFINE_WGMMA_M64N64K16_SS(bf16)
-JFM_DEFINE_WGMMA_M64N64K16_SS(f16)
-#undef JFM_DEFINE_WGMMA_M64N64K16_SS
-
 // D(64x32, fp32) (+)= A(64x16, smem, K-major) * B(16x32, smem, K-major); scale_d == 0: D = A*B.
 #define JFM_DEFINE_WGMMA_M64N32K16_SS(TYPE)                                                 \
 __device__ __forceinline__ void wgmma_m64n32k16_ss_##TYPE(float (&d)[16], uint64_t desc_a,  \
@@ -183,44 +154,6 @@ __device__ __forceinline__ void wgmma_m64n32k16_ss_##TYPE(float (&d)[16], uint64
 JFM_DEFINE_WGMMA_M64N32K16_SS(bf16)
 JFM_DEFINE_WGMMA_M64N32K16_SS(f16)
 #undef JFM_DEFINE_WGMMA_M64N32K16_SS
-
-// D(64x256, fp32) += A(64x16, registers) * B(16x256, smem, MN-major: imm-trans-b = 1).
-#define JFM_DEFINE_WGMMA_M64N256K16_RS_MN(TYPE)                                                         \
-__device__ __forceinline__ void wgmma_m64n256k16_rs_mn_##TYPE(float (&d)[128], const uint32_t (&a)[4],  \
-                                                       uint64_t desc_b) {                               \
-  asm volatile(                                                                                         \
-      "{\n"                                                                                             \
-      ".reg .pred p;\n"                                                                                 \
-      "setp.ne.b32 p, %133, 0;\n"                                                                       \
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32." #TYPE "." #TYPE " "                                \
-      JFM_WGMMA_D128_REGISTERS ", "                                                                     \
-      "{%128, %129, %130, %131}, %132, p, 1, 1, 1;\n"                                                   \
-      "}\n"                                                                                             \
-      : JFM_WGMMA_D128_OPERANDS                                                                         \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));                               \
-}
-JFM_DEFINE_WGMMA_M64N256K16_RS_MN(bf16)
-JFM_DEFINE_WGMMA_M64N256K16_RS_MN(f16)
-#undef JFM_DEFINE_WGMMA_M64N256K16_RS_MN
-
-// D(64x64, fp32) += A(64x16, registers) * B(16x64, smem, MN-major: imm-trans-b = 1).
-#define JFM_DEFINE_WGMMA_M64N64K16_RS_MN(TYPE)                                                        \
-__device__ __forceinline__ void wgmma_m64n64k16_rs_mn_##TYPE(float (&d)[32], const uint32_t (&a)[4],  \
-                                                       uint64_t desc_b) {                             \
-  asm volatile(                                                                                       \
-      "{\n"                                                                                           \
-      ".reg .pred p;\n"                                                                               \
-      "setp.ne.b32 p, %37, 0;\n"                                                                      \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." #TYPE "." #TYPE " "                               \
-      JFM_WGMMA_D32_REGISTERS ", "                                                                    \
-      "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n"                                                      \
-      "}\n"                                                                                           \
-      : JFM_WGMMA_D32_OPERANDS                                                                        \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));                             \
-}
-JFM_DEFINE_WGMMA_M64N64K16_RS_MN(bf16)
-JFM_DEFINE_WGMMA_M64N64K16_RS_MN(f16)
-#undef JFM_DEFINE_WGMMA_M64N64K16_RS_MN
 
 // D(64x256, fp32) += A(64x16, smem, K-major) * B(16x256, smem, MN-major: imm-trans-b = 1).
 #define JFM_DEFINE_WGMMA_M64N256K16_SS_MN(TYPE)                                                  \
@@ -260,17 +193,6 @@ JFM_DEFINE_WGMMA_M64N64K16_SS_MN(bf16)
 JFM_DEFINE_WGMMA_M64N64K16_SS_MN(f16)
 #undef JFM_DEFINE_WGMMA_M64N64K16_SS_MN
 
-
-
-
-
-
-
-
-
-
-
-
 // dtype dispatch: kBf16 selects .bf16 inputs, otherwise .f16.
 template <bool kBf16>
 struct Wgmma;
@@ -278,24 +200,10 @@ struct Wgmma;
 #define JFM_DEFINE_WGMMA_DISPATCH(IS_BF16, DT)                                                   \
   template <>                                                                                    \
   struct Wgmma<IS_BF16> {                                                                        \
-    /* S (64 x 64) = Q K^T step, both K-major in smem */                                         \
-    static __device__ __forceinline__ void qk64(float (&d)[32], uint64_t a, uint64_t b,          \
-                                                int scale_d) {                                   \
-      wgmma_m64n64k16_ss_##DT(d, a, b, scale_d);                                                 \
-    }                                                                                            \
-    /* S half (64 x 32 tokens) */                                                                \
+    /* S = Q K^T step, 32 tokens, both K-major in smem */                                        \
     static __device__ __forceinline__ void qk32(float (&d)[16], uint64_t a, uint64_t b,          \
                                                 int scale_d) {                                   \
       wgmma_m64n32k16_ss_##DT(d, a, b, scale_d);                                                 \
-    }                                                                                            \
-    /* O += P V, P in registers */                                                               \
-    static __device__ __forceinline__ void pv256_rs(float (&d)[128], const uint32_t (&a)[4],     \
-                                                    uint64_t b) {                                \
-      wgmma_m64n256k16_rs_mn_##DT(d, a, b);                                                      \
-    }                                                                                            \
-    static __device__ __forceinline__ void pv64_rs(float (&d)[32], const uint32_t (&a)[4],       \
-                                                   uint64_t b) {                                 \
-      wgmma_m64n64k16_rs_mn_##DT(d, a, b);                                                       \
     }                                                                                            \
     /* O += P V, P in smem (K-major) */                                                          \
     static __device__ __forceinline__ void pv256_ss(float (&d)[128], uint64_t a, uint64_t b) {   \
