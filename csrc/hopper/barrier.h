@@ -1,5 +1,4 @@
-// mbarrier, named-barrier, cp.async and proxy-fence helpers for the Hopper decode kernel
-// (inline PTX).
+// mbarrier, named-barrier and proxy-fence helpers for the Hopper decode kernel (inline PTX).
 //
 // mbarrier phases: a barrier initialised with count C completes a phase when C arrivals have
 // been made and its pending transaction count (raised by arrive.expect_tx, lowered by TMA's
@@ -59,23 +58,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 // (wgmma operands, TMA) only after this fence in the writing thread, followed by a barrier.
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
-// cp.async (16 bytes, global -> shared, through L2 only). src_bytes < 16 zero-fills the rest of
-// the destination; 0 reads nothing from src.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-// Waits for all of this thread's committed cp.async groups.
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
 // Named barrier over `count` threads (a multiple of 32). Id 0 is __syncthreads'.

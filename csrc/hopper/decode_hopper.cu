@@ -59,6 +59,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cp_async.h"
 #include "mla_params.h"
 #include "barrier.h"
 #include "tma.h"
