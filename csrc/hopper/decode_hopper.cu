@@ -41,8 +41,8 @@
 //   * tail zeroing: on the page holding the sequence end, tokens past the end are garbage
 //     (NaN in tests) and 0 * NaN = NaN in P V, so each warpgroup zeroes those rows of its own
 //     four V boxes after its S is done, then fence.proxy.async (generic -> async proxy) and
-//     barrier Y before its P V. The other warpgroup may read those
-//     rows for its S concurrently; it masks them, so either value is harmless.
+//     barrier Y before its P V. The other warpgroup may read those rows for its S
+//     concurrently; it masks them, so either value is harmless.
 //   * Q: the next sequence's copies start only where both warpgroups' S wgmmas on the old Q
 //     have completed: past barrier X of the sequence's last page, or (no readable last page)
 //     past the epilogue's barrier. Each thread waits for its copies, fence.proxy.async, and a
