@@ -60,9 +60,15 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// Named barrier over `count` threads (a multiple of 32). Id 0 is __syncthreads'.
+// Named barrier over `count` threads (a multiple of 32). Id 0 is __syncthreads'. A producer
+// that only signals uses named_barrier_arrive (it does not wait); the consumers sync, and
+// `count` counts both sides.
 __device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
 }  // namespace hopper

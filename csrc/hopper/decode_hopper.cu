@@ -50,156 +50,21 @@
 //
 // Shared memory: Q 72 KB + 2 x 72 KB K stages + P 8 KB + row max / sums 1 KB + barriers
 // = 230,552 B (+1 KB alignment slack = 231,576 B of the 232,448 B limit).
-#include <cuda.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cmath>
 #include <cstdint>
-#include <type_traits>
 
-#include "cp_async.h"
-#include "mla_params.h"
-#include "barrier.h"
-#include "tma.h"
-#include "traits.h"
+#include "decode_common.h"
+#include "schedules.h"
 #include "wgmma.h"
 
 namespace jax_flashmla {
 namespace hopper {
 
-// One scheduler partition (see SchedulerField in mla_params.h).
-struct Partition {
-  int begin_seq;
-  int begin_token;
-  int end_seq;
-  int end_token;
-  int begin_split;
-};
-
-__device__ __forceinline__ int clamped_len(const MlaDecodeParams& p, int s) {
-  const int len = __ldg(p.seqlens + s);
-  return min(max(len, 0), p.max_pages_per_seq * kPageSize);
-}
-
-// Token range [lo, hi) of sequence s inside the partition. hi is additionally clamped to the
-// sequence's clamped length so that no page beyond the block table's capacity is ever touched.
-__device__ __forceinline__ int seq_lo(const Partition& pt, int s) {
-  return s == pt.begin_seq ? pt.begin_token : 0;
-}
-__device__ __forceinline__ int seq_hi(const MlaDecodeParams& p, const Partition& pt, int s) {
-  const int len = clamped_len(p, s);
-  return s == pt.end_seq ? min(pt.end_token, len) : len;
-}
-
-// Position of the next page to load in the CTA's flat page stream. Kept (identically) by the
-// two leader threads, tid 0 and tid 128.
-struct LoadCursor {
-  int seq;
-  int page;
-  int page_end;
-};
-
-// Skips sequences with no page left; afterwards page < page_end iff a page remains.
-__device__ __forceinline__ void cursor_settle(LoadCursor& c, const MlaDecodeParams& p,
-                                              const Partition& pt) {
-  while (c.page >= c.page_end && c.seq < pt.end_seq) {
-    ++c.seq;
-    c.page = 0;  // seq_lo of a sequence after begin_seq
-    c.page_end = (seq_hi(p, pt, c.seq) + kPageSize - 1) / kPageSize;
-  }
-}
-
-// Arms the 9 full barriers of `stage` and issues the 9 box loads of the cursor's page. A page
-// whose block-table entry lies outside [0, num_pages) is never read: plain arrivals complete
-// the phase and the consumers see the same entry and skip the page's math.
-__device__ __forceinline__ void issue_page_load(const CUtensorMap* map, const MlaDecodeParams& p,
-                                                const LoadCursor& c, int stage, uint32_t k_addr,
-                                                uint32_t bar_addr, int kvh, uint64_t policy) {
-  const int row =
-      __ldg(p.block_table + static_cast<size_t>(c.seq) * p.max_pages_per_seq + c.page);
-  const bool ok = row >= 0 && row < p.num_pages;
-  const uint32_t dst = k_addr + stage * kTileBytes;
-  const uint32_t bars = bar_addr + stage * kNumBoxesQK * 8;
-#pragma unroll
-  for (int box = 0; box < kNumBoxesQK; ++box) {
-    if (ok) {
-      mbar_arrive_expect_tx(bars + box * 8, kBoxBytes);
-      tma_load_4d(dst + box * kBoxBytes, map, bars + box * 8, box * kBoxCols, kvh, 0, row, policy);
-    } else {
-      mbar_arrive(bars + box * 8);
-    }
-  }
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));  // ex2(-inf) = +0
-  return y;
-}
-
-template <bool kBf16>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (kBf16) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
-    return *reinterpret_cast<uint32_t*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-}
-
-// Starts copying the 64 x 576 Q tile of (sequence s, KV head kvh, tile_m) into smem with cp.async,
-// 128B-swizzled like a TMA box: element (r, c) at box c/64, byte r*128 + ((c%64/8) ^ (r%8))*16 +
-// (c%8)*2. Rows past rows_per_kv are zero-filled (their S rows are never written out). The copies
-// are asynchronous: the caller overlaps them with other work and completes them with
-// finish_q_load before the first wgmma reads Q.
-__device__ __forceinline__ void start_q_load(const MlaDecodeParams& p, int s, int kvh, int tile_m,
-                                             uint32_t q_addr, int tid) {
-  constexpr int kChunksPerRow = kHeadDimQK / 8;                // 72 16-byte chunks
-  constexpr int kChunks = kBlockM * kChunksPerRow;             // 4608
-  constexpr int kIters = kChunks / kThreads;                   // 18
-  static_assert(kChunks % kThreads == 0, "Q tile chunks must divide evenly");
-  const uint4* q = reinterpret_cast<const uint4*>(p.q);
-  // Rolled: the copies need no registers to land in, and this runs where O's 128 accumulator
-  // registers are live.
-#pragma unroll 1
-  for (int it = 0; it < kIters; ++it) {
-    const int idx = tid + it * kThreads;
-    const int r = idx / kChunksPerRow;
-    const int c8 = idx - r * kChunksPerRow;
-    const int row = tile_m * kBlockM + r;
-    const uint4* src = q;  // any valid address: a zero-fill copy reads no byte of it
-    int src_bytes = 0;
-    if (row < p.rows_per_kv) {
-      const int tq = row / p.heads_per_kv;
-      const int hh = row - tq * p.heads_per_kv;
-      const size_t q_row =
-          (static_cast<size_t>(s) * p.seqlen_q + tq) * p.num_heads_q + kvh * p.heads_per_kv + hh;
-      src = q + q_row * kChunksPerRow + c8;
-      src_bytes = 16;
-    }
-    const int box = c8 >> 3;
-    const int ch = c8 & 7;
-    cp_async_16(q_addr + box * kBoxBytes + r * 128 + ((ch ^ (r & 7)) << 4), src, src_bytes);
-  }
-  cp_async_commit();
-}
-
-// Completes start_q_load: this thread's copies landed, are made visible to the async proxy
-// (wgmma reads Q from there), and the barrier extends that to every thread's copies.
-__device__ __forceinline__ void finish_q_load() {
-  cp_async_wait_all();
-  fence_proxy_async_smem();
-  __syncthreads();
-}
-
 template <bool kBf16>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_hopper_kernel(const __grid_constant__ CUtensorMap kv_map,
                              const __grid_constant__ MlaDecodeParams p) {
-  using Elem = std::conditional_t<kBf16, __nv_bfloat16, __half>;
   using Mma = Wgmma<kBf16>;
 
   const int tid = threadIdx.x;
@@ -213,14 +78,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kvh = blockIdx.y;
   const int part = blockIdx.z;
 
-  const int32_t* md = p.sched_metadata + part * kSchedulerMetadataSize;
   Partition pt;
-  pt.begin_seq = md[kBeginSeq];
-  pt.begin_token = md[kBeginToken];
-  pt.end_seq = min(md[kEndSeq], p.batch - 1);
-  pt.end_token = md[kEndToken];
-  pt.begin_split = md[kBeginSplitIndex];
-  if (pt.begin_seq >= p.batch || pt.begin_seq > pt.end_seq) return;  // uniform: no work
+  if (!read_partition(p, part, pt)) return;  // uniform: no work
 
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
@@ -246,32 +105,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   LoadCursor cur{0, 0, 0};
   uint64_t policy = 0;
   if (leader) {
-    // Evict-first when this CTA is the only reader of its pages; with several 64-row query
-    // tiles per KV head (gridDim.x > 1) the sibling CTAs read the same pages at about the same
-    // time, so leave those lines at normal priority for them to hit in L2.
-    policy = gridDim.x == 1 ? l2_policy_evict_first() : l2_policy_evict_normal();
-    cur.seq = pt.begin_seq;
-    cur.page = seq_lo(pt, cur.seq) / kPageSize;
-    cur.page_end = (seq_hi(p, pt, cur.seq) + kPageSize - 1) / kPageSize;
-    cursor_settle(cur, p, pt);
+    policy = page_load_policy();
+    cur = cursor_begin(p, pt);
 #pragma unroll
     for (int st = 0; st < kNumKStages; ++st) {
-      if (cur.page < cur.page_end) {
-        if (wg == 0) issue_page_load(&kv_map, p, cur, st, k_addr, bar_addr, kvh, policy);
-        ++cur.page;
-        cursor_settle(cur, p, pt);
+      if (cursor_has_page(cur)) {
+        if (wg == 0) issue_boxes(&kv_map, p, cur, st, 0, kNumBoxesQK, k_addr, bar_addr, kvh, policy);
+        cursor_advance(cur, p, pt);
       }
     }
   }
 
   // ---- per-thread row bookkeeping (accumulator rows r = 16*warp + g + 8*i, i = 0, 1) ----
-  int row_in_kv[2];  // row index among the KV head's rows_per_kv query rows
-  int t_q[2];        // query token of the row
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    row_in_kv[i] = tile_m * kBlockM + warp * 16 + g + 8 * i;
-    t_q[i] = row_in_kv[i] / p.heads_per_kv;
-  }
+  const RowInfo ri = row_info(p, tile_m, warp, g);
   const bool causal = p.causal && p.seqlen_q > 1;
   const float scale_log2 = p.scale_log2;
   const int cap = p.max_pages_per_seq * kPageSize;
@@ -280,7 +126,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   int k = 0;  // index of the current page in the CTA's flat page stream
   // Q of the first sequence; each later sequence's Q is copied in while the one before finishes.
-  start_q_load(p, pt.begin_seq, kvh, tile_m, q_addr, tid);
+  start_q_load(p, pt.begin_seq, kvh, tile_m, q_addr, tid, kThreads);
   for (int s = pt.begin_seq; s <= pt.end_seq; ++s) {
     const int len_raw = __ldg(p.seqlens + s);
     const bool malformed = len_raw < 0 || len_raw > cap;
@@ -291,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // causal bound is bottom-right aligned). tile_lim lower-bounds lim over all rows.
     int lim[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) lim[i] = causal ? min(hi, len - p.seqlen_q + 1 + t_q[i]) : hi;
+    for (int i = 0; i < 2; ++i) lim[i] = causal ? min(hi, len - p.seqlen_q + 1 + ri.t_q[i]) : hi;
     const int tile_lim = causal ? min(hi, len - p.seqlen_q + 1) : hi;
 
     finish_q_load();              // Q of sequence s is in smem, visible to every wgmma
@@ -311,9 +157,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t parity = (k >> 1) & 1;
       const uint32_t kst = k_addr + stage * kTileBytes;
       const uint32_t bars = bar_addr + stage * kNumBoxesQK * 8;
-      const int bt_row =
-          __ldg(p.block_table + static_cast<size_t>(s) * p.max_pages_per_seq + page);
-      const bool page_ok = bt_row >= 0 && bt_row < p.num_pages;
+      const bool page_ok = readable(p, block_table_row(p, s, page));
       const int base = page * kPageSize;  // first token of the page
 
       if (page_ok) {
@@ -349,19 +193,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         // Made visible to this warpgroup's P V by fence.proxy.async + barrier Y.
         const bool tail = base + kPageSize > hi;
         if (tail) {
-          const int first = hi - base;  // 0 < first < 64 here
-          uint8_t* vbase =
-              smem + kSmemK + stage * kTileBytes + wg * kBoxesPerWarpgroupV * kBoxBytes;
-#pragma unroll
-          for (int it = 0; it < (kBoxesPerWarpgroupV * kBlockN * 8) / kWarpgroupThreads; ++it) {
-            const int idx = wtid + it * kWarpgroupThreads;
-            const int box = idx >> 9;         // 512 16-byte chunks per box
-            const int row = (idx >> 3) & 63;  // 8 chunks per 128-byte row
-            const int ch = idx & 7;
-            if (row >= first)
-              *reinterpret_cast<uint4*>(vbase + box * kBoxBytes + row * 128 + ch * 16) =
-                  make_uint4(0u, 0u, 0u, 0u);
-          }
+          zero_tail_rows(kst + wg * kBoxesPerWarpgroupV * kBoxBytes,
+                         kBoxesPerWarpgroupV, hi - base, wtid);
           fence_proxy_async_smem();
         }
 
@@ -405,7 +238,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // page Q is no longer read, so the next sequence's Q copies in behind this page's
         // softmax, P V and the epilogue instead of in front of the next sequence's first S.
         if (page == page_end - 1 && s < pt.end_seq) {
-          start_q_load(p, s + 1, kvh, tile_m, q_addr, tid);
+          start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);
           next_q_started = true;
         }
 
@@ -500,13 +333,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (leader) {
         __threadfence_block();
         const uint32_t old = atomicAdd(&release[stage], 1u);
-        if (cur.page < cur.page_end) {
+        if (cursor_has_page(cur)) {
           if (old & 1u) {
             __threadfence_block();
-            issue_page_load(&kv_map, p, cur, stage, k_addr, bar_addr, kvh, policy);
+            issue_boxes(&kv_map, p, cur, stage, 0, kNumBoxesQK, k_addr, bar_addr, kvh, policy);
           }
-          ++cur.page;
-          cursor_settle(cur, p, pt);
+          cursor_advance(cur, p, pt);
         }
       }
     }
@@ -530,82 +362,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 2; ++i) l_run[i] += row_sum[(wg ^ 1) * kBlockM + warp * 16 + g + 8 * i];
     // Every thread has left the page loop, so no wgmma reads Q any more: if the last page did not
     // start the next sequence's Q (no readable page), start it now, behind the output stores.
-    if (!next_q_started && s < pt.end_seq) start_q_load(p, s + 1, kvh, tile_m, q_addr, tid);
-    const int split_begin = __ldg(p.num_splits + s);
-    const bool split = __ldg(p.num_splits + s + 1) - split_begin > 1;
-    const int slot = split_begin + (s == pt.begin_seq ? pt.begin_split : 0);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int row = row_in_kv[i];
-      if (row >= p.rows_per_kv) continue;
-      const bool nan_row = malformed || poisoned[i];
-      const float l = l_run[i];
-      float lse_val;
-      float inv;
-      if (nan_row) {
-        lse_val = NAN;
-        inv = NAN;
-      } else if (l > 0.f) {
-        lse_val = m_run[i] * p.softmax_scale + logf(l);
-        inv = 1.f / l;
-      } else {  // the row saw no key in this piece
-        lse_val = split ? -INFINITY : INFINITY;
-        inv = 0.f;
-      }
-      const int tq = t_q[i];
-      const int head = kvh * p.heads_per_kv + (row - tq * p.heads_per_kv);
-      if (!split) {
-        Elem* out_row = reinterpret_cast<Elem*>(p.out) +
-                        ((static_cast<size_t>(s) * p.seqlen_q + tq) * p.num_heads_q + head) *
-                            kHeadDimV +
-                        wg * kColsPerWarpgroup + 2 * q4;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          *reinterpret_cast<uint32_t*>(out_row + 8 * j) =
-              pack2<kBf16>(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
-        }
-        if (wg == 0 && q4 == 0)
-          p.lse[(static_cast<size_t>(s) * p.num_heads_q + head) * p.seqlen_q + tq] = lse_val;
-      } else {
-        const size_t acc_row =
-            (static_cast<size_t>(slot) * p.num_heads_kv + kvh) * p.rows_per_kv + row;
-        float* acc = p.o_accum + acc_row * kHeadDimV + wg * kColsPerWarpgroup + 2 * q4;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          *reinterpret_cast<float2*>(acc + 8 * j) =
-              make_float2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
-        }
-        if (wg == 0 && q4 == 0) p.lse_accum[acc_row] = lse_val;
-      }
-    }
+    if (!next_q_started && s < pt.end_seq) start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);
+    const bool nan_row[2] = {malformed || poisoned[0], malformed || poisoned[1]};
+    write_piece<kBf16>(p, pt, s, kvh, ri, o, l_run, m_run, nan_row, wg * kColsPerWarpgroup, q4,
+                       wg == 0);
   }
 }
 
-}  // namespace hopper
-
-bool hopper_kernel_available() { return true; }
-
-cudaError_t launch_decode_hopper(const MlaDecodeParams& params, cudaStream_t stream) {
-  if (params.batch <= 0 || params.num_sm_parts <= 0 || params.rows_per_kv <= 0 ||
-      params.num_heads_kv <= 0) {
-    return cudaSuccess;  // nothing to compute
-  }
-  const bool bf16 = params.dtype == ElementType::kBFloat16;
-  CUtensorMap kv_map;
-  if (!hopper::make_kv_tensor_map(&kv_map, params.k_cache, params.q, params.num_pages,
-                                  params.num_heads_kv, bf16)) {
-    return cudaErrorInvalidValue;
-  }
-  const dim3 grid((params.rows_per_kv + hopper::kBlockM - 1) / hopper::kBlockM,
-                  params.num_heads_kv, params.num_sm_parts);
-  const dim3 block(hopper::kThreads);
-  auto kernel = bf16 ? hopper::mla_decode_hopper_kernel<true> : hopper::mla_decode_hopper_kernel<false>;
-  // Per-device attribute, host-side only (no stream work): safe under graph capture.
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         hopper::kSmemBytes);
+cudaError_t launch_split_scores(const CUtensorMap& kv_map, const MlaDecodeParams& params,
+                                bool bf16, dim3 grid, cudaStream_t stream) {
+  auto kernel = bf16 ? mla_decode_hopper_kernel<true> : mla_decode_hopper_kernel<false>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, block, hopper::kSmemBytes, stream>>>(kv_map, params);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(kv_map, params);
   return cudaGetLastError();
 }
 
+}  // namespace hopper
 }  // namespace jax_flashmla

@@ -93,6 +93,11 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
+template <int N>
+__device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
 
 // The fp32 accumulator fragment of an m64nN wgmma is N / 2 registers per thread: the instruction
 // string names them %0 .. %(N/2 - 1) and the operand list binds them to d[0 ..] read-write.
@@ -155,6 +160,48 @@ JFM_DEFINE_WGMMA_M64N32K16_SS(bf16)
 JFM_DEFINE_WGMMA_M64N32K16_SS(f16)
 #undef JFM_DEFINE_WGMMA_M64N32K16_SS
 
+// D(64x64, fp32) (+)= A(64x16, smem, K-major) * B(16x64, smem, K-major); scale_d == 0: D = A*B.
+#define JFM_DEFINE_WGMMA_M64N64K16_SS(TYPE)                                                 \
+__device__ __forceinline__ void wgmma_m64n64k16_ss_##TYPE(float (&d)[32], uint64_t desc_a,  \
+                                                    uint64_t desc_b, int scale_d) {         \
+  asm volatile(                                                                             \
+      "{\n"                                                                                 \
+      ".reg .pred p;\n"                                                                     \
+      "setp.ne.b32 p, %34, 0;\n"                                                            \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." #TYPE "." #TYPE " "                     \
+      JFM_WGMMA_D32_REGISTERS ", "                                                          \
+      "%32, %33, p, 1, 1, 0, 0;\n"                                                          \
+      "}\n"                                                                                 \
+      : JFM_WGMMA_D32_OPERANDS                                                              \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                            \
+}
+JFM_DEFINE_WGMMA_M64N64K16_SS(bf16)
+JFM_DEFINE_WGMMA_M64N64K16_SS(f16)
+#undef JFM_DEFINE_WGMMA_M64N64K16_SS
+
+// D(64x256, fp32) += A(64x16, registers: the 4 x 32-bit A fragment) * B(16x256, smem, MN-major:
+// imm-trans-b = 1). A's fragment: a[0] = (row g, cols 2q, 2q+1), a[1] = (row g+8, same cols),
+// a[2] = (row g, cols 2q+8, 2q+9), a[3] = (row g+8, cols 2q+8, 2q+9) of the warp's 16 rows, i.e.
+// the accumulator layout above for two adjacent 8-column chunks, packed in pairs.
+#define JFM_DEFINE_WGMMA_M64N256K16_RS_MN(TYPE)                                                 \
+__device__ __forceinline__ void wgmma_m64n256k16_rs_mn_##TYPE(float (&d)[128], uint32_t a0,     \
+                                                         uint32_t a1, uint32_t a2, uint32_t a3, \
+                                                         uint64_t desc_b) {                     \
+  asm volatile(                                                                                 \
+      "{\n"                                                                                     \
+      ".reg .pred p;\n"                                                                         \
+      "setp.ne.b32 p, %133, 0;\n"                                                               \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." #TYPE "." #TYPE " "                        \
+      JFM_WGMMA_D128_REGISTERS ", "                                                             \
+      "{%128, %129, %130, %131}, %132, p, 1, 1, 1;\n"                                           \
+      "}\n"                                                                                     \
+      : JFM_WGMMA_D128_OPERANDS                                                                 \
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(1));                               \
+}
+JFM_DEFINE_WGMMA_M64N256K16_RS_MN(bf16)
+JFM_DEFINE_WGMMA_M64N256K16_RS_MN(f16)
+#undef JFM_DEFINE_WGMMA_M64N256K16_RS_MN
+
 // D(64x256, fp32) += A(64x16, smem, K-major) * B(16x256, smem, MN-major: imm-trans-b = 1).
 #define JFM_DEFINE_WGMMA_M64N256K16_SS_MN(TYPE)                                                  \
 __device__ __forceinline__ void wgmma_m64n256k16_ss_mn_##TYPE(float (&d)[128], uint64_t desc_a,  \
@@ -204,6 +251,16 @@ struct Wgmma;
     static __device__ __forceinline__ void qk32(float (&d)[16], uint64_t a, uint64_t b,          \
                                                 int scale_d) {                                   \
       wgmma_m64n32k16_ss_##DT(d, a, b, scale_d);                                                 \
+    }                                                                                            \
+    /* S = Q K^T step, a whole 64-token page (seesaw schedule) */                              \
+    static __device__ __forceinline__ void qk64(float (&d)[32], uint64_t a, uint64_t b,          \
+                                                int scale_d) {                                   \
+      wgmma_m64n64k16_ss_##DT(d, a, b, scale_d);                                                 \
+    }                                                                                            \
+    /* O += P V, P from registers (seesaw schedule) */                                           \
+    static __device__ __forceinline__ void pv256_rs(float (&d)[128], const uint32_t* a,          \
+                                                    uint64_t b) {                                \
+      wgmma_m64n256k16_rs_mn_##DT(d, a[0], a[1], a[2], a[3], b);                                 \
     }                                                                                            \
     /* O += P V, P in smem (K-major) */                                                          \
     static __device__ __forceinline__ void pv256_ss(float (&d)[128], uint64_t a, uint64_t b) {   \

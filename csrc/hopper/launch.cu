@@ -1,0 +1,50 @@
+// Host side of the Hopper kernel: the K-cache tensor map, the grid, and the choice of schedule.
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "mla_params.h"
+#include "schedules.h"
+#include "tma.h"
+#include "traits.h"
+
+namespace jax_flashmla {
+namespace hopper {
+
+Schedule choose_schedule(const MlaDecodeParams& params) {
+  if (const char* forced = std::getenv("JAX_FLASHMLA_HOPPER_SCHEDULE")) {
+    if (std::strcmp(forced, "split") == 0) return Schedule::kSplitScores;
+    if (std::strcmp(forced, "seesaw") == 0) return Schedule::kSeesaw;
+  }
+  // Several 64-row tiles per KV head means compute-bound work (h_q * s_q >= 128 for h_kv = 1):
+  // there the overlap of softmax and tensor-core work pays; one tile is memory-bound.
+  return params.rows_per_kv > kBlockM ? Schedule::kSeesaw : Schedule::kSplitScores;
+}
+
+}  // namespace hopper
+
+bool hopper_kernel_available() { return true; }
+
+cudaError_t launch_decode_hopper(const MlaDecodeParams& params, cudaStream_t stream) {
+  if (params.batch <= 0 || params.num_sm_parts <= 0 || params.rows_per_kv <= 0 ||
+      params.num_heads_kv <= 0) {
+    return cudaSuccess;  // nothing to compute
+  }
+  const bool bf16 = params.dtype == ElementType::kBFloat16;
+  CUtensorMap kv_map;
+  if (!hopper::make_kv_tensor_map(&kv_map, params.k_cache, params.q, params.num_pages,
+                                  params.num_heads_kv, bf16)) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid((params.rows_per_kv + hopper::kBlockM - 1) / hopper::kBlockM,
+                  params.num_heads_kv, params.num_sm_parts);
+  // Kernel attributes are per-device, host-side settings (no stream work): safe under graph
+  // capture.
+  return hopper::choose_schedule(params) == hopper::Schedule::kSeesaw
+             ? hopper::launch_seesaw(kv_map, params, bf16, grid, stream)
+             : hopper::launch_split_scores(kv_map, params, bf16, grid, stream);
+}
+
+}  // namespace jax_flashmla
