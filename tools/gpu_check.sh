@@ -7,7 +7,7 @@
 #   tools/gpu_check.sh LOGDIR [bench arguments...]
 #
 # Environment: TEST_FILES (default: the GPU suites), PORTABLE_LIMIT / HOPPER_LIMIT / BENCH_LIMIT
-# (seconds; 0 skips that test stage), VARIANT_FLAGS (nvcc flags of the variant, e.g. "-DJFM_HOPPER_PV_N64"; unset: no
+# (seconds; 0 skips that test stage), HOPPER_SCHEDULES (default "split seesaw"), VARIANT_FLAGS (nvcc flags of the variant, e.g. "-DJFM_HOPPER_PV_N64"; unset: no
 # variant), VARIANT_KERNELS (implementations the variant's benchmark times; default hopper).
 set -u
 logs=$(mkdir -p "${1:?usage: tools/gpu_check.sh LOGDIR [bench args]}" && cd "$1" && pwd)
@@ -39,7 +39,13 @@ run_tests() {  # name, time limit, pytest arguments...
   grep -E "^(FAILED|ERROR)" "$logs/tests-$name.log" | head -20
   tail -1 "$logs/tests-$name.log"
 }
-run_tests hopper "${HOPPER_LIMIT:-400}" -m gpu -k "hopper"
+# The Hopper kernel has two schedules (split S for one 64-row tile, seesaw for more); the suite
+# runs once with each forced, so both see every shape.
+for schedule in ${HOPPER_SCHEDULES:-split seesaw}; do
+  export JAX_FLASHMLA_HOPPER_SCHEDULE=$schedule
+  run_tests "hopper-$schedule" "${HOPPER_LIMIT:-400}" -m gpu -k "hopper"
+done
+unset JAX_FLASHMLA_HOPPER_SCHEDULE
 run_tests portable "${PORTABLE_LIMIT:-400}" -m gpu -k "not hopper"
 
 bench() {  # name, python path, bench arguments...

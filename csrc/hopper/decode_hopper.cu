@@ -110,7 +110,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int st = 0; st < kNumKStages; ++st) {
       if (cursor_has_page(cur)) {
-        if (wg == 0) issue_boxes(&kv_map, p, cur, st, 0, kNumBoxesQK, k_addr, bar_addr, kvh, policy);
+        if (wg == 0)
+          issue_boxes(&kv_map, p, cur, st, 0, kNumBoxesQK, k_addr, bar_addr, kvh, policy);
         cursor_advance(cur, p, pt);
       }
     }
@@ -362,7 +363,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 2; ++i) l_run[i] += row_sum[(wg ^ 1) * kBlockM + warp * 16 + g + 8 * i];
     // Every thread has left the page loop, so no wgmma reads Q any more: if the last page did not
     // start the next sequence's Q (no readable page), start it now, behind the output stores.
-    if (!next_q_started && s < pt.end_seq) start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);
+    if (!next_q_started && s < pt.end_seq)
+      start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);
     const bool nan_row[2] = {malformed || poisoned[0], malformed || poisoned[1]};
     write_piece<kBf16>(p, pt, s, kvh, ri, o, l_run, m_run, nan_row, wg * kColsPerWarpgroup, q4,
                        wg == 0);

@@ -37,7 +37,10 @@
 //     arrives, the consumer syncs, 256 threads each. A warpgroup cannot arrive twice at one
 //     before the other synced it: between two A's, WG0 syncs B (which WG1 arrives after its
 //     A), and a half pair ends the sequence with the epilogue barrier. The same argument keeps
-//     the row-max slots (one per pair position) from being overwritten while still read.
+//     the row-max slots (one per pair position) from being overwritten while still read. In
+//     the PTX memory model a bar.arrive synchronises with the bar.sync that completes the
+//     barrier, which orders the P and row-max stores before the other warpgroup's loads;
+//     compute-sanitizer's racecheck does not model bar.arrive and reports these hand-offs.
 //   * a warpgroup-wide barrier (id 1 + wg) precedes every release, so that all of the
 //     warpgroup's threads passed their wgmma wait (or their P load) first; it also publishes
 //     the tail zeroing (tokens past the sequence end, zeroed by each warpgroup in its own V
@@ -401,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         named_barrier_arrive(seesaw::kFirstPageReadyId, kThreads);  // A
         if (!pair && more_seqs) {  // half pair: WG1 reads no Q; S_c, the last reader, is done
-          start_q_load(p, s + 1, kvh, tile_m, q_addr, wtid, kWarpgroupThreads);
+          start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
           next_q_started = true;
         }
 #pragma unroll
@@ -418,7 +421,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_regs(o);
           fence_regs(pc);
           if (last_pair && more_seqs) {  // S_c (own) and S_d (before B) are done
-            start_q_load(p, s + 1, kvh, tile_m, q_addr, wtid, kWarpgroupThreads);
+            start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
             next_q_started = true;
           }
           uint32_t pd[kPFragRegs];
@@ -500,7 +503,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int i = 0; i < kPFragRegs; ++i) pc[i] = 0u;
         }
         if (last_pair && more_seqs) {  // S_c (before A) and S_d (own) are done
-          start_q_load(p, s + 1, kvh, tile_m, q_addr, wtid, kWarpgroupThreads);
+          start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
           next_q_started = true;
         }
         // P_c is in registers: page c's RoPE box can take page c + 2's.
@@ -556,8 +559,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (!next_q_started && more_seqs)
       start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);
     const bool nan_row[2] = {malformed || poisoned[0], malformed || poisoned[1]};
-    write_piece<kBf16>(p, pt, s, kvh, row_info(p, tile_m, warp, g), o, l_run, m_run, nan_row, wg * kColsPerWarpgroup, q4,
-                       wg == 0);
+    write_piece<kBf16>(p, pt, s, kvh, row_info(p, tile_m, warp, g), o, l_run, m_run, nan_row,
+                       wg * kColsPerWarpgroup, q4, wg == 0);
   }
 }
 
