@@ -12,7 +12,7 @@
 //   WG0: S_c | m_c = max(m, rowmax S_c), P_c | store P_c, m_c; arrive A | O_L *= e^(m - m_c),
 //        O_L += P_c V_c,L | sync B | O_L *= e^(m_c - m_d) | O_L += P_d V_d,L
 //   WG1: S_d | sync A | m_d = max(m_c, rowmax S_d), P_d | store P_d, m_d; arrive B |
-//        O_R *= e^(m - m_d) | P_c *= e^(m_c - m_d) in registers | O_R += P_c V_c,R + P_d V_d,R
+//        O_R *= e^(m - m_c), O_R += P_c V_c,R | O_R *= e^(m_c - m_d), O_R += P_d V_d,R
 // (exp in base 2 with the softmax scale folded in). WG1's scores overlap WG0's softmax, WG0's
 // first P·V overlaps WG1's softmax, and WG1's P·V overlaps WG0's rescale: the tensor cores
 // always have queued work from one warpgroup while the other does CUDA-core work. Both P·V
@@ -174,18 +174,6 @@ __device__ __forceinline__ void pack_p(const float (&s)[kPageScores], uint32_t (
   }
 }
 
-// Multiplies P's rows by factor[row]; skipped when the warp's factors are all exactly 1.
-template <bool kBf16>
-__device__ __forceinline__ void scale_p(uint32_t (&a)[kPFragRegs], const float (&factor)[2]) {
-  if (__any_sync(0xffffffffu, factor[0] != 1.f || factor[1] != 1.f)) {
-#pragma unroll
-    for (int i = 0; i < kPFragRegs; ++i) {
-      const float2 v = unpack2<kBf16>(a[i]);
-      a[i] = pack2<kBf16>(v.x * factor[i & 1], v.y * factor[i & 1]);
-    }
-  }
-}
-
 // P hand-off through a RoPE box, in fragment order: 16-byte vector v of thread t at
 // (v * 128 + t) * 16, so each warp's access is 512 contiguous bytes (no bank conflicts).
 __device__ __forceinline__ void store_p(uint32_t box, const uint32_t (&a)[kPFragRegs], int wtid) {
@@ -278,7 +266,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Each leader's load cursor lives in shared memory: only the leader touches it, a few times
   // per page, and registers are the scarce resource here.
   const bool leader = wtid == 0;
-  LoadCursor& cur = reinterpret_cast<LoadCursor*>(smem + seesaw::kSmemCursors)[wg];
+  LoadCursor* cursors = reinterpret_cast<LoadCursor*>(smem + seesaw::kSmemCursors);
+  LoadCursor& cur = cursors[wg];
+  // kPrefetchPages past the loads: the next page to prefetch into L2 (WG0's leader only).
+  LoadCursor& ahead = cursors[2];
   if (leader) {
     cur = cursor_begin(p, pt);
 #pragma unroll
@@ -290,6 +281,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         cursor_advance(cur, p, pt);
       }
     }
+    if (kPrefetchPages > 0 && wg == 0) {
+      ahead = cur;
+      for (int i = 0; i < kPrefetchPages && cursor_has_page(ahead); ++i) {
+        prefetch_page(&kv_map, p, ahead, kvh);
+        cursor_advance(ahead, p, pt);
+      }
+    }
   }
   // Re-arms `count` boxes from `first` of `stage` for the cursor's page (leader only).
   auto reload = [&](int stage, int first, int count) {
@@ -297,17 +295,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       issue_boxes(&kv_map, p, cur, stage, first, count, k_addr, bar_addr, kvh,
                   page_load_policy());
   };
+  // Moves the leader's cursor past the page just released; WG0's leader, which releases every
+  // page once, also prefetches the page kPrefetchPages further on.
   auto next_page = [&]() {
-    if (leader && cursor_has_page(cur)) cursor_advance(cur, p, pt);
+    if (!leader) return;
+    if (cursor_has_page(cur)) cursor_advance(cur, p, pt);
+    if (kPrefetchPages > 0 && wg == 0 && cursor_has_page(ahead)) {
+      prefetch_page(&kv_map, p, ahead, kvh);
+      cursor_advance(ahead, p, pt);
+    }
   };
 
   const int row0 = warp * 16 + g;  // this thread's rows in the tile: row0 and row0 + 8
   constexpr uint32_t kRow8 = 8 * 4;  // byte distance of row0 + 8 from row0 in an fp32 row array
-  // Row maxima [pair position][row] and row sums [warpgroup][row] (fp32): this thread's slots.
+  // Row maxima [pair position][row] (fp32): this thread's slot of the first position.
   const uint32_t max_first = base_addr + seesaw::kSmemRowMax + row0 * 4;
-  const uint32_t max_second = max_first + kBlockM * 4;
-  const uint32_t sum_own = base_addr + seesaw::kSmemRowSum + (wg * kBlockM + row0) * 4;
-  const uint32_t sum_other = base_addr + seesaw::kSmemRowSum + ((wg ^ 1) * kBlockM + row0) * 4;
+  constexpr uint32_t kToSecond = kBlockM * 4;  // from a pair-position-0 slot to its position 1
   const bool causal = p.causal && p.seqlen_q > 1;
   const float scale_log2 = p.scale_log2;
   const int cap = p.max_pages_per_seq * kPageSize;
@@ -333,7 +336,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int tile_lim = causal ? min(hi, len - p.seqlen_q + 1) : hi;
 
     finish_q_load();  // Q of sequence s is in smem, visible to every wgmma
-    bool next_q_started = false;  // uniform over the CTA
     const bool more_seqs = s < pt.end_seq;
 
     float o[128];
@@ -341,7 +343,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.f, 0.f};  // this warpgroup's share of the row sums (own pages)
-    bool poisoned[2] = {false, false};
+    // NaN rows: a malformed length, or a visible token on an unreadable page.
+    bool poisoned[2] = {malformed, malformed};
 
     const int page_begin = lo / kPageSize;
     const int page_end = (hi + kPageSize - 1) / kPageSize;
@@ -405,7 +408,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         named_barrier_arrive(seesaw::kFirstPageReadyId, kThreads);  // A
         if (!pair && more_seqs) {  // half pair: WG1 reads no Q; S_c, the last reader, is done
           start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
-          next_q_started = true;
         }
 #pragma unroll
         for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rsum[i];
@@ -416,13 +418,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (pair) {
           // ---- page d: WG1's max and P, then own half of P_d V_d ----
           named_barrier_sync(seesaw::kSecondPageReadyId, kThreads);  // B
-          const float m_d[2] = {ld_shared_f32(max_second), ld_shared_f32(max_second + kRow8)};
+          const float m_d[2] = {ld_shared_f32(max_first + kToSecond),
+                                ld_shared_f32(max_first + kToSecond + kRow8)};
           wgmma_wait<0>();  // P_c V_c,L done (P_c's registers are free again)
           fence_regs(o);
           fence_regs(pc);
           if (last_pair && more_seqs) {  // S_c (own) and S_d (before B) are done
             start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
-            next_q_started = true;
           }
           uint32_t pd[kPFragRegs];
           if (ok_d) {
@@ -475,13 +477,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         named_barrier_sync(seesaw::kFirstPageReadyId, kThreads);  // A
         const float m_c[2] = {ld_shared_f32(max_first), ld_shared_f32(max_first + kRow8)};
-        float m_d[2], alpha[2], fc[2], offset[2];
+        // O_R goes to m_c for P_c V_c,R and then to m_d for P_d V_d,R: P_c stays as WG0
+        // rounded it (its largest entry exactly 1), as the split-S schedule's P does. Scaling
+        // P_c to m_d instead would round it twice, heavy entries included.
+        float m_d[2], alpha[2], beta[2], offset[2];
         float rsum[2] = {0.f, 0.f};
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           m_d[i] = fmaxf(m_c[i], mx[i]);
-          alpha[i] = rescale_factor(m_run[i], m_d[i], scale_log2);
-          fc[i] = rescale_factor(m_c[i], m_d[i], scale_log2);
+          alpha[i] = rescale_factor(m_run[i], m_c[i], scale_log2);
+          beta[i] = rescale_factor(m_c[i], m_d[i], scale_log2);
           offset[i] = max_offset(m_d[i], scale_log2);
         }
         uint32_t pd[kPFragRegs];
@@ -490,8 +495,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           pack_p<kBf16>(sd, pd);
           if (ok_d) store_p(p_box_d, pd, wtid);
           if (q4 == 0) {
-            st_shared_f32(max_second, m_d[0]);
-            st_shared_f32(max_second + kRow8, m_d[1]);
+            st_shared_f32(max_first + kToSecond, m_d[0]);
+            st_shared_f32(max_first + kToSecond + kRow8, m_d[1]);
           }
           named_barrier_arrive(seesaw::kSecondPageReadyId, kThreads);  // B
         }
@@ -504,7 +509,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         if (last_pair && more_seqs) {  // S_c (before A) and S_d (own) are done
           start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
-          next_q_started = true;
         }
         // P_c is in registers: page c's RoPE box can take page c + 2's.
         fence_proxy_async_smem();
@@ -512,16 +516,18 @@ __global__ void __launch_bounds__(kThreads, 1)
         reload(stage_c, seesaw::kRopeBox, 1);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-          l_run[i] = l_run[i] * alpha[i] + rsum[i];
+          l_run[i] = l_run[i] * alpha[i] * beta[i] + rsum[i];
           m_run[i] = m_d[i];
         }
         scale_rows(o, alpha);
-        scale_p<kBf16>(pc, fc);
         prepare_v_half(kst_c, bars_c, parity_c, wg, wtid, tail_c || !ok_c, zero_from_c);
         if (pair) prepare_v_half(kst_d, bars_d, parity_d, wg, wtid, tail_d || !ok_d, zero_from_d);
         issue_pv<kBf16>(o, pc, kst_c + v_half);
         wgmma_commit();
+        wgmma_wait<0>();  // unconditional: a wait under `if (pair)` would serialise (C7520)
+        fence_regs(o);
         if (pair) {
+          scale_rows(o, beta);
           issue_pv<kBf16>(o, pd, kst_d + v_half);
           wgmma_commit();
         }
@@ -547,7 +553,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
       l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
     }
-    // Rewritten only after the next sequence's finish_q_load barrier, i.e. after both reads.
+    // Row sums [warpgroup][row] (fp32). Rewritten only after the next sequence's finish_q_load
+    // barrier, i.e. after both reads.
+    const uint32_t sum_own = base_addr + seesaw::kSmemRowSum + (wg * kBlockM + row0) * 4;
+    const uint32_t sum_other = base_addr + seesaw::kSmemRowSum + ((wg ^ 1) * kBlockM + row0) * 4;
     if (q4 == 0) {
       st_shared_f32(sum_own, l_run[0]);
       st_shared_f32(sum_own + kRow8, l_run[1]);
@@ -556,10 +565,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     l_run[0] += ld_shared_f32(sum_other);
     l_run[1] += ld_shared_f32(sum_other + kRow8);
     // A piece without pages read no Q: start the next one now, behind the output stores.
-    if (!next_q_started && more_seqs)
+    if (page_begin == page_end && more_seqs)
       start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);
-    const bool nan_row[2] = {malformed || poisoned[0], malformed || poisoned[1]};
-    write_piece<kBf16>(p, pt, s, kvh, row_info(p, tile_m, warp, g), o, l_run, m_run, nan_row,
+    write_piece<kBf16>(p, pt, s, kvh, row_info(p, tile_m, warp, g), o, l_run, m_run, poisoned,
                        wg * kColsPerWarpgroup, q4, wg == 0);
   }
 }
