@@ -70,7 +70,7 @@ struct LoadCursor {
   int page;
   int page_end;
 };
-static_assert(sizeof(LoadCursor) == 12, "the seesaw kernel keeps 3 cursors in 36 bytes of smem");
+static_assert(sizeof(LoadCursor) == 12, "the seesaw kernel keeps two cursors in 24 bytes of smem");
 
 // Skips sequences with no page left; afterwards page < page_end iff a page remains.
 __device__ __forceinline__ void cursor_settle(LoadCursor& c, const MlaDecodeParams& p,
@@ -119,24 +119,6 @@ __device__ __forceinline__ void issue_boxes(const CUtensorMap* map, const MlaDec
       mbar_arrive(bars + box * 8);
     }
   }
-}
-
-// How many pages past the ones being loaded into the two stages are prefetched into L2. With only
-// two 72 KB stages per CTA, HBM latency is otherwise exposed whenever a stage is released late;
-// a prefetch needs no shared memory. (JFM_NO_L2_PREFETCH turns it off for A/B measurements.)
-#ifndef JFM_NO_L2_PREFETCH
-constexpr int kPrefetchPages = 2;
-#else
-constexpr int kPrefetchPages = 0;
-#endif
-
-// Prefetches the cursor's page into L2 (all nine boxes) if its block-table entry is readable.
-__device__ __forceinline__ void prefetch_page(const CUtensorMap* map, const MlaDecodeParams& p,
-                                              const LoadCursor& c, int kvh) {
-  const int row = block_table_row(p, c.seq, c.page);
-  if (!readable(p, row)) return;
-#pragma unroll 1
-  for (int box = 0; box < kNumBoxesQK; ++box) tma_prefetch_l2_4d(map, box * kBoxCols, kvh, 0, row);
 }
 
 // Evict-first when this CTA is the only reader of its pages; with several 64-row query tiles per

@@ -103,7 +103,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   // ---- producer state (leader threads only) and prologue: pages 0 and 1 -> stages 0, 1 ----
   const bool leader = wtid == 0;
   LoadCursor cur{0, 0, 0};
-  LoadCursor ahead{0, 0, 0};  // kPrefetchPages past `cur`: the next page to prefetch into L2
   uint64_t policy = 0;
   if (leader) {
     policy = page_load_policy();
@@ -114,13 +113,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (wg == 0)
           issue_boxes(&kv_map, p, cur, st, 0, kNumBoxesQK, k_addr, bar_addr, kvh, policy);
         cursor_advance(cur, p, pt);
-      }
-    }
-    if constexpr (kPrefetchPages > 0) {
-      ahead = cur;
-      for (int i = 0; i < kPrefetchPages && cursor_has_page(ahead); ++i) {
-        if (wg == 0) prefetch_page(&kv_map, p, ahead, kvh);
-        cursor_advance(ahead, p, pt);
       }
     }
   }
@@ -348,10 +340,6 @@ __global__ void __launch_bounds__(kThreads, 1)
             issue_boxes(&kv_map, p, cur, stage, 0, kNumBoxesQK, k_addr, bar_addr, kvh, policy);
           }
           cursor_advance(cur, p, pt);
-        }
-        if (kPrefetchPages > 0 && cursor_has_page(ahead)) {
-          if (old & 1u) prefetch_page(&kv_map, p, ahead, kvh);
-          cursor_advance(ahead, p, pt);
         }
       }
     }

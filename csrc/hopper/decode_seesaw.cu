@@ -266,10 +266,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Each leader's load cursor lives in shared memory: only the leader touches it, a few times
   // per page, and registers are the scarce resource here.
   const bool leader = wtid == 0;
-  LoadCursor* cursors = reinterpret_cast<LoadCursor*>(smem + seesaw::kSmemCursors);
-  LoadCursor& cur = cursors[wg];
-  // kPrefetchPages past the loads: the next page to prefetch into L2 (WG0's leader only).
-  LoadCursor& ahead = cursors[2];
+  LoadCursor& cur = reinterpret_cast<LoadCursor*>(smem + seesaw::kSmemCursors)[wg];
   if (leader) {
     cur = cursor_begin(p, pt);
 #pragma unroll
@@ -281,13 +278,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         cursor_advance(cur, p, pt);
       }
     }
-    if (kPrefetchPages > 0 && wg == 0) {
-      ahead = cur;
-      for (int i = 0; i < kPrefetchPages && cursor_has_page(ahead); ++i) {
-        prefetch_page(&kv_map, p, ahead, kvh);
-        cursor_advance(ahead, p, pt);
-      }
-    }
   }
   // Re-arms `count` boxes from `first` of `stage` for the cursor's page (leader only).
   auto reload = [&](int stage, int first, int count) {
@@ -295,15 +285,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       issue_boxes(&kv_map, p, cur, stage, first, count, k_addr, bar_addr, kvh,
                   page_load_policy());
   };
-  // Moves the leader's cursor past the page just released; WG0's leader, which releases every
-  // page once, also prefetches the page kPrefetchPages further on.
   auto next_page = [&]() {
-    if (!leader) return;
-    if (cursor_has_page(cur)) cursor_advance(cur, p, pt);
-    if (kPrefetchPages > 0 && wg == 0 && cursor_has_page(ahead)) {
-      prefetch_page(&kv_map, p, ahead, kvh);
-      cursor_advance(ahead, p, pt);
-    }
+    if (leader && cursor_has_page(cur)) cursor_advance(cur, p, pt);
   };
 
   const int row0 = warp * 16 + g;  // this thread's rows in the tile: row0 and row0 + 8

@@ -19,8 +19,13 @@ Schedule choose_schedule(const MlaDecodeParams& params) {
     if (std::strcmp(forced, "seesaw") == 0) return Schedule::kSeesaw;
   }
   // Several 64-row tiles per KV head means compute-bound work (h_q * s_q >= 128 for h_kv = 1):
-  // there the overlap of softmax and tensor-core work pays; one tile is memory-bound.
-  return params.rows_per_kv > kBlockM ? Schedule::kSeesaw : Schedule::kSplitScores;
+  // there the overlap of softmax and tensor-core work pays (7-10% at b = 128 on the H100); one
+  // tile is memory-bound and both schedules tie. With a few sequences each CTA walks only a few
+  // pages and the pairing costs more than it saves: at b <= 8 split S measured as fast or up to
+  // 8% faster, at b = 32 the seesaw 6% faster (docs/kernel-notes.md).
+  constexpr int kSeesawMinBatch = 9;
+  return params.rows_per_kv > kBlockM && params.batch >= kSeesawMinBatch ? Schedule::kSeesaw
+                                                                         : Schedule::kSplitScores;
 }
 
 }  // namespace hopper

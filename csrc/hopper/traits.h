@@ -59,14 +59,14 @@ constexpr int kCtaBarrierId = 3;  // named barrier over all 256 threads (the exc
 //   [221184, +512)        row maxima [pair position][64] (fp32)
 //   [221696, +512)        row sums [warpgroup][64] (fp32)
 //   [222208, +144)        full barriers, [stage][box]
-//   [222352, +36)         the two leaders' load cursors and the L2 prefetch cursor
+//   [222352, +24)         the two leaders' load cursors
 namespace seesaw {
 constexpr int kRopeBox = kNumBoxesQK - 1;  // box 8: columns 512..575, used by S only
 constexpr int kSmemRowMax = kSmemK + kNumKStages * kTileBytes;
 constexpr int kSmemRowSum = kSmemRowMax + 2 * kBlockM * 4;
 constexpr int kSmemBar = kSmemRowSum + 2 * kBlockM * 4;
 constexpr int kSmemCursors = kSmemBar + kNumKStages * kNumBoxesQK * 8;
-constexpr int kSmemUsed = kSmemCursors + 3 * 3 * 4;
+constexpr int kSmemUsed = kSmemCursors + 2 * 3 * 4;
 constexpr int kSmemBytes = kSmemUsed + kSmemAlign;
 static_assert(kSmemBytes <= 227 * 1024, "exceeds the sm_90 per-block shared memory limit");
 static_assert(kSmemBar % 8 == 0, "mbarriers need 8-byte alignment");
