@@ -1,4 +1,6 @@
-// Hopper (sm_90a) MLA paged-decode kernel: TMA page loads, wgmma tensor-core math.
+// Hopper (sm_90a) MLA paged-decode kernel: TMA page loads, wgmma tensor-core math. This file is
+// the split-S schedule, used for rows of one 64-row tile (the seesaw schedule is in
+// decode_seesaw.cu; launch.cu picks one, see schedules.h).
 //
 // Contract: csrc/mla_params.h. Grid (ceil(rows_per_kv / 64), h_kv, num_sm_parts); each CTA owns
 // one 64-row query tile of one KV head and walks the (sequence, page range) list of its
