@@ -29,10 +29,10 @@
 //   * a stage is re-armed box group by box group as soon as its last reader is done, by the
 //     leader thread of the warpgroup that reads it last: warpgroup w's four V boxes after w's
 //     P·V of the page, the RoPE box (holding P) after the non-owner has P in registers. The
-//     owner's scores read its own V half first, then the RoPE box, then the other half: the
-//     order in which they are re-armed. Causality makes the single releaser safe: the other
-//     warpgroup's reads of a group (the owner's S) precede the hand-off that the releaser
-//     waited for. Each leader advances its copy of the load cursor once per page.
+//     owner's scores read its own V half first, then the RoPE box, then the other half (other
+//     orders measured no faster; kernel-notes.md). Causality makes the single releaser safe:
+//     the other warpgroup's reads of a group (the owner's S) precede the hand-off that the
+//     releaser waited for. Each leader advances its copy of the load cursor once per page.
 //   * named barriers A (kFirstPageReadyId) and B (kSecondPageReadyId): the producer
 //     arrives, the consumer syncs, 256 threads each. A warpgroup cannot arrive twice at one
 //     before the other synced it: between two A's, WG0 syncs B (which WG1 arrives after its
@@ -43,14 +43,15 @@
 //     compute-sanitizer's racecheck does not model bar.arrive and reports these hand-offs.
 //   * a warpgroup-wide barrier (id 1 + wg) precedes every release, so that all of the
 //     warpgroup's threads passed their wgmma wait (or their P load) first; it also publishes
-//     the tail zeroing (tokens past the sequence end, zeroed by each warpgroup in its own V
-//     half before its P·V, after fence.proxy.async).
+//     the zeroing of V rows a P·V must not multiply (tokens past the sequence end; every row of
+//     an unreadable page, whose P is 0 but whose stage holds stale data), done by each
+//     warpgroup in its own V half before its P·V, after fence.proxy.async.
 //   * Q: the next sequence's copies start, each warpgroup copying half the chunks, once the
 //     warpgroup knows both scores of the last pair are done (WG0 after B, WG1 after A; after
 //     S_c for a half pair, where WG1 reads no Q). finish_q_load completes them.
 //
-// Shared memory: Q 72 KB + 2 x 72 KB K stages + row maxima / sums 1 KB + barriers
-// = 222,352 B (+1 KB alignment slack).
+// Shared memory: Q 72 KB + 2 x 72 KB K stages + row maxima / sums 1 KB + barriers + the two
+// load cursors = 222,376 B (+1 KB alignment slack).
 #include <cuda_runtime.h>
 
 #include <cstdint>
