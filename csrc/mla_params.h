@@ -113,6 +113,9 @@ cudaError_t launch_decode_portable(const MlaDecodeParams& params, cudaStream_t s
 // this build contains it.
 bool hopper_kernel_available();
 cudaError_t launch_decode_hopper(const MlaDecodeParams& params, cudaStream_t stream);
+// The schedule ("split" or "seesaw", csrc/hopper/schedules.h) the Hopper kernel would use for a
+// batch of `batch` sequences with `rows_per_kv` query rows per KV head, environment included.
+const char* hopper_schedule_name(int batch, int rows_per_kv);
 
 // Merges the pieces of split sequences into out / lse; a no-op for unsplit ones.
 cudaError_t launch_combine(const MlaDecodeParams& params, cudaStream_t stream);

@@ -1,4 +1,5 @@
-"""Finds the compiled CUDA extension, checks it against the running jaxlib, registers its targets.
+"""Finds the compiled CUDA extension, checks it against the running jaxlib, registers its targets,
+and answers what the build contains (the Hopper kernel, the schedule it would pick).
 
 The extension is optional: without it the package still works on the reference path. When it is
 present but was built against a newer jaxlib than the one running, XLA would fail later with an
@@ -6,6 +7,9 @@ obscure "no registered implementation"; we refuse at import instead, with the fi
 """
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import jax
 import jaxlib
@@ -49,6 +53,25 @@ def cuda_extension_available() -> bool:
 def hopper_kernel_available() -> bool:
     """Whether the installed extension contains the sm_90a (Hopper) kernel."""
     return _cuda is not None and bool(_cuda.hopper_kernel_available())
+
+
+# Forces one of the Hopper kernel's schedules ("split" or "seesaw"), for kernel work; read by the
+# extension whenever a call is launched.
+SCHEDULE_VARIABLE = "JAX_FLASHMLA_HOPPER_SCHEDULE"
+
+
+def hopper_schedule(batch: int, rows_per_kv: int) -> str | None:
+    """The schedule the Hopper kernel picks for this batch size and number of query rows per KV
+    head (s_q * h_q / h_kv): "split" or "seesaw", after any JAX_FLASHMLA_HOPPER_SCHEDULE
+    override; None without the Hopper kernel. Warns about a value of that variable the kernel
+    ignores."""
+    if not hopper_kernel_available():
+        return None
+    forced = os.environ.get(SCHEDULE_VARIABLE)
+    if forced is not None and forced not in ("split", "seesaw"):
+        warnings.warn(f"{SCHEDULE_VARIABLE}={forced!r} is ignored: the Hopper kernel takes "
+                      "'split' or 'seesaw' and otherwise chooses by shape", stacklevel=2)
+    return str(_cuda.hopper_schedule(batch, rows_per_kv))
 
 
 def missing_extension_message() -> str:

@@ -34,6 +34,7 @@ import numpy as np
 
 import jax_flashmla
 from jax_flashmla._constants import HEAD_DIM_QK, HEAD_DIM_V, PAGE_SIZE
+from jax_flashmla._extension import hopper_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +190,8 @@ def measure(shape: Shape, implementations: list[str], with_reference: bool, seed
             if not _out_of_memory(error):
                 raise
             reference_out, row["xla_ms"] = None, None
+    if "hopper" in implementations:  # which of the Hopper kernel's two schedules ran (h_kv = 1)
+        row["hopper_schedule"] = hopper_schedule(shape.batch, shape.seqlen_q * shape.heads_q)
     for name in implementations:
         out = jax.jit(_decode_fn(name))(lengths, *shared, *problem.copies[0])
         if reference_out is not None:
@@ -216,6 +219,9 @@ def metadata_time_us(batch: int = 128) -> float:
 def format_table(rows, implementations) -> str:
     with_reference = any("xla_ms" in row for row in rows)
     header = ["b", "s_k", "h_q", "s_q"]
+    with_schedule = any("hopper_schedule" in row for row in rows)
+    if with_schedule:
+        header += ["hopper schedule"]
     for name in implementations:
         header += [f"{name} ms", "GB/s", "TFLOPS"]
     if with_reference:
@@ -225,6 +231,8 @@ def format_table(rows, implementations) -> str:
     for row in rows:
         cells = [f"{row['batch']}{' fixed' if row['fixed'] else ''}", str(row["seqlen_k"]),
                  str(row["heads_q"]), str(row["seqlen_q"])]
+        if with_schedule:
+            cells += [row.get("hopper_schedule") or "—"]
         for name in implementations:
             cells += [f"{row[f'{name}_ms']:.4f}", f"{row[f'{name}_gbps']:.0f}",
                       f"{row[f'{name}_tflops']:.0f}"]

@@ -32,6 +32,13 @@ Schedule choose_schedule(const MlaDecodeParams& params) {
 
 bool hopper_kernel_available() { return true; }
 
+const char* hopper_schedule_name(int batch, int rows_per_kv) {
+  MlaDecodeParams params{};
+  params.batch = batch;
+  params.rows_per_kv = rows_per_kv;
+  return hopper::choose_schedule(params) == hopper::Schedule::kSeesaw ? "seesaw" : "split";
+}
+
 cudaError_t launch_decode_hopper(const MlaDecodeParams& params, cudaStream_t stream) {
   if (params.batch <= 0 || params.num_sm_parts <= 0 || params.rows_per_kv <= 0 ||
       params.num_heads_kv <= 0) {
