@@ -40,3 +40,13 @@ def test_byte_and_flop_counts_follow_the_perf_notes():
     shape = bench.Shape(batch=2, seqlen_k=10, heads_q=4, seqlen_q=2)
     assert bench.bytes_moved(shape, total_tokens=30) == (30 * 576 + 2 * 2 * 4 * 1088) * 2
     assert bench.flops(shape, total_tokens=30) == 2 * 30 * 4 * 1088 * 2
+
+
+def test_table_names_the_hopper_schedule_of_each_row():
+    rows = [{"batch": 128, "seqlen_k": 4096, "heads_q": h_q, "seqlen_q": 1, "fixed": False,
+             "hopper_schedule": schedule, "hopper_ms": 0.25, "hopper_gbps": 2600.0,
+             "hopper_tflops": 80.0}
+            for h_q, schedule in ((16, "split"), (128, "seesaw"))]
+    header, _, *body = bench.format_table(rows, ["hopper"]).splitlines()
+    assert header.split(" | ")[4] == "hopper schedule"
+    assert [line.split(" | ")[4] for line in body] == ["split", "seesaw"]
