@@ -138,46 +138,33 @@ __device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
   JFM_WGMMA_D32_OPERANDS_AT(0), JFM_WGMMA_D32_OPERANDS_AT(32),                       \
   JFM_WGMMA_D32_OPERANDS_AT(64), JFM_WGMMA_D32_OPERANDS_AT(96)
 
-// ---- instruction wrappers: one macro per shape, instantiated for bf16 and f16 (PTX has no
-// type parameter, so the type is pasted into the instruction string) ----
+// ---- instruction wrappers: one macro per instruction form, instantiated per shape and for bf16
+// and f16 (PTX has no type parameter, so the type is pasted into the instruction string) ----
 
-// D(64x32, fp32) (+)= A(64x16, smem, K-major) * B(16x32, smem, K-major); scale_d == 0: D = A*B.
-#define JFM_DEFINE_WGMMA_M64N32K16_SS(TYPE)                                                 \
-__device__ __forceinline__ void wgmma_m64n32k16_ss_##TYPE(float (&d)[16], uint64_t desc_a,  \
-                                                    uint64_t desc_b, int scale_d) {         \
-  asm volatile(                                                                             \
-      "{\n"                                                                                 \
-      ".reg .pred p;\n"                                                                     \
-      "setp.ne.b32 p, %18, 0;\n"                                                            \
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32." #TYPE "." #TYPE " "                     \
-      JFM_WGMMA_D16_REGISTERS ", "                                                          \
-      "%16, %17, p, 1, 1, 0, 0;\n"                                                          \
-      "}\n"                                                                                 \
-      : JFM_WGMMA_D16_OPERANDS                                                              \
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                            \
+// D(64xN, fp32) (+)= A(64x16, smem, K-major) * B(16xN, smem, K-major); scale_d == 0: D = A*B.
+// The N / 2 accumulators are operands %0.. (REGS names them, OPS binds them); desc_a, desc_b and
+// scale_d follow as operands A_OP, A_OP + 1 and A_OP + 2 (spelled out: the preprocessor cannot
+// add).
+#define JFM_DEFINE_WGMMA_M64NK16_SS(N, REGS, OPS, A_OP, B_OP, SCALE_OP, TYPE)                  \
+__device__ __forceinline__ void wgmma_m64n##N##k16_ss_##TYPE(float (&d)[N / 2],                \
+                                                             uint64_t desc_a, uint64_t desc_b, \
+                                                             int scale_d) {                    \
+  asm volatile(                                                                                \
+      "{\n"                                                                                    \
+      ".reg .pred p;\n"                                                                        \
+      "setp.ne.b32 p, %" #SCALE_OP ", 0;\n"                                                    \
+      "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #TYPE "." #TYPE " "                    \
+      REGS ", "                                                                                \
+      "%" #A_OP ", %" #B_OP ", p, 1, 1, 0, 0;\n"                                               \
+      "}\n"                                                                                    \
+      : OPS                                                                                    \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                               \
 }
-JFM_DEFINE_WGMMA_M64N32K16_SS(bf16)
-JFM_DEFINE_WGMMA_M64N32K16_SS(f16)
-#undef JFM_DEFINE_WGMMA_M64N32K16_SS
-
-// D(64x64, fp32) (+)= A(64x16, smem, K-major) * B(16x64, smem, K-major); scale_d == 0: D = A*B.
-#define JFM_DEFINE_WGMMA_M64N64K16_SS(TYPE)                                                 \
-__device__ __forceinline__ void wgmma_m64n64k16_ss_##TYPE(float (&d)[32], uint64_t desc_a,  \
-                                                    uint64_t desc_b, int scale_d) {         \
-  asm volatile(                                                                             \
-      "{\n"                                                                                 \
-      ".reg .pred p;\n"                                                                     \
-      "setp.ne.b32 p, %34, 0;\n"                                                            \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." #TYPE "." #TYPE " "                     \
-      JFM_WGMMA_D32_REGISTERS ", "                                                          \
-      "%32, %33, p, 1, 1, 0, 0;\n"                                                          \
-      "}\n"                                                                                 \
-      : JFM_WGMMA_D32_OPERANDS                                                              \
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                            \
-}
-JFM_DEFINE_WGMMA_M64N64K16_SS(bf16)
-JFM_DEFINE_WGMMA_M64N64K16_SS(f16)
-#undef JFM_DEFINE_WGMMA_M64N64K16_SS
+JFM_DEFINE_WGMMA_M64NK16_SS(32, JFM_WGMMA_D16_REGISTERS, JFM_WGMMA_D16_OPERANDS, 16, 17, 18, bf16)
+JFM_DEFINE_WGMMA_M64NK16_SS(32, JFM_WGMMA_D16_REGISTERS, JFM_WGMMA_D16_OPERANDS, 16, 17, 18, f16)
+JFM_DEFINE_WGMMA_M64NK16_SS(64, JFM_WGMMA_D32_REGISTERS, JFM_WGMMA_D32_OPERANDS, 32, 33, 34, bf16)
+JFM_DEFINE_WGMMA_M64NK16_SS(64, JFM_WGMMA_D32_REGISTERS, JFM_WGMMA_D32_OPERANDS, 32, 33, 34, f16)
+#undef JFM_DEFINE_WGMMA_M64NK16_SS
 
 // D(64x256, fp32) += A(64x16, registers: the 4 x 32-bit A fragment) * B(16x256, smem, MN-major:
 // imm-trans-b = 1). A's fragment: a[0] = (row g, cols 2q, 2q+1), a[1] = (row g+8, same cols),
