@@ -186,7 +186,14 @@ __device__ __forceinline__ void store_p(uint32_t box, const uint32_t (&a)[kPFrag
                  : "memory");
   }
 }
-__device__ __forceinline__ void load_p(uint32_t box, uint32_t (&a)[kPFragRegs], int wtid) {
+// Loads a page's P; an unreadable page has none (its P V multiplies zeros then).
+__device__ __forceinline__ void load_p(bool readable_page, uint32_t box,
+                                       uint32_t (&a)[kPFragRegs], int wtid) {
+  if (!readable_page) {
+#pragma unroll
+    for (int i = 0; i < kPFragRegs; ++i) a[i] = 0u;
+    return;
+  }
 #pragma unroll
   for (int v = 0; v < kPFragRegs / 4; ++v) {
     asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
@@ -411,12 +418,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
           }
           uint32_t pd[kPFragRegs];
-          if (ok_d) {
-            load_p(p_box_d, pd, wtid);
-          } else {
-#pragma unroll
-            for (int i = 0; i < kPFragRegs; ++i) pd[i] = 0u;
-          }
+          load_p(ok_d, p_box_d, pd, wtid);
           named_barrier_sync(1 + wg, kWarpgroupThreads);
           reload(stage_c, 0, kBoxesPerWarpgroupV);  // page c's V half 0 -> page c + 2
           next_page();
@@ -485,12 +487,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           named_barrier_arrive(seesaw::kSecondPageReadyId, kThreads);  // B
         }
         uint32_t pc[kPFragRegs];
-        if (ok_c) {
-          load_p(p_box_c, pc, wtid);
-        } else {
-#pragma unroll
-          for (int i = 0; i < kPFragRegs; ++i) pc[i] = 0u;
-        }
+        load_p(ok_c, p_box_c, pc, wtid);
         if (last_pair && more_seqs) {  // S_c (before A) and S_d (own) are done
           start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
         }
