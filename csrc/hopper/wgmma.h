@@ -189,43 +189,32 @@ JFM_DEFINE_WGMMA_M64N256K16_RS_MN(bf16)
 JFM_DEFINE_WGMMA_M64N256K16_RS_MN(f16)
 #undef JFM_DEFINE_WGMMA_M64N256K16_RS_MN
 
-// D(64x256, fp32) += A(64x16, smem, K-major) * B(16x256, smem, MN-major: imm-trans-b = 1).
-#define JFM_DEFINE_WGMMA_M64N256K16_SS_MN(TYPE)                                                  \
-__device__ __forceinline__ void wgmma_m64n256k16_ss_mn_##TYPE(float (&d)[128], uint64_t desc_a,  \
-                                                       uint64_t desc_b) {                        \
+// D(64xN, fp32) += A(64x16, smem, K-major) * B(16xN, smem, MN-major: imm-trans-b = 1). Operands
+// as in JFM_DEFINE_WGMMA_M64NK16_SS; the accumulate predicate is the constant operand ONE_OP.
+#define JFM_DEFINE_WGMMA_M64NK16_SS_MN(N, REGS, OPS, A_OP, B_OP, ONE_OP, TYPE)                   \
+__device__ __forceinline__ void wgmma_m64n##N##k16_ss_mn_##TYPE(float (&d)[N / 2],               \
+                                                                uint64_t desc_a,                 \
+                                                                uint64_t desc_b) {               \
   asm volatile(                                                                                  \
       "{\n"                                                                                      \
       ".reg .pred p;\n"                                                                          \
-      "setp.ne.b32 p, %130, 0;\n"                                                                \
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32." #TYPE "." #TYPE " "                         \
-      JFM_WGMMA_D128_REGISTERS ", "                                                              \
-      "%128, %129, p, 1, 1, 0, 1;\n"                                                             \
+      "setp.ne.b32 p, %" #ONE_OP ", 0;\n"                                                        \
+      "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #TYPE "." #TYPE " "                      \
+      REGS ", "                                                                                  \
+      "%" #A_OP ", %" #B_OP ", p, 1, 1, 0, 1;\n"                                                 \
       "}\n"                                                                                      \
-      : JFM_WGMMA_D128_OPERANDS                                                                  \
+      : OPS                                                                                      \
       : "l"(desc_a), "l"(desc_b), "r"(1));                                                       \
 }
-JFM_DEFINE_WGMMA_M64N256K16_SS_MN(bf16)
-JFM_DEFINE_WGMMA_M64N256K16_SS_MN(f16)
-#undef JFM_DEFINE_WGMMA_M64N256K16_SS_MN
-
-// D(64x64, fp32) += A(64x16, smem, K-major) * B(16x64, smem, MN-major: imm-trans-b = 1).
-#define JFM_DEFINE_WGMMA_M64N64K16_SS_MN(TYPE)                                                 \
-__device__ __forceinline__ void wgmma_m64n64k16_ss_mn_##TYPE(float (&d)[32], uint64_t desc_a,  \
-                                                       uint64_t desc_b) {                      \
-  asm volatile(                                                                                \
-      "{\n"                                                                                    \
-      ".reg .pred p;\n"                                                                        \
-      "setp.ne.b32 p, %34, 0;\n"                                                               \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." #TYPE "." #TYPE " "                        \
-      JFM_WGMMA_D32_REGISTERS ", "                                                             \
-      "%32, %33, p, 1, 1, 0, 1;\n"                                                             \
-      "}\n"                                                                                    \
-      : JFM_WGMMA_D32_OPERANDS                                                                 \
-      : "l"(desc_a), "l"(desc_b), "r"(1));                                                     \
-}
-JFM_DEFINE_WGMMA_M64N64K16_SS_MN(bf16)
-JFM_DEFINE_WGMMA_M64N64K16_SS_MN(f16)
-#undef JFM_DEFINE_WGMMA_M64N64K16_SS_MN
+JFM_DEFINE_WGMMA_M64NK16_SS_MN(256, JFM_WGMMA_D128_REGISTERS, JFM_WGMMA_D128_OPERANDS, 128, 129,
+                               130, bf16)
+JFM_DEFINE_WGMMA_M64NK16_SS_MN(256, JFM_WGMMA_D128_REGISTERS, JFM_WGMMA_D128_OPERANDS, 128, 129,
+                               130, f16)
+JFM_DEFINE_WGMMA_M64NK16_SS_MN(64, JFM_WGMMA_D32_REGISTERS, JFM_WGMMA_D32_OPERANDS, 32, 33, 34,
+                               bf16)
+JFM_DEFINE_WGMMA_M64NK16_SS_MN(64, JFM_WGMMA_D32_REGISTERS, JFM_WGMMA_D32_OPERANDS, 32, 33, 34,
+                               f16)
+#undef JFM_DEFINE_WGMMA_M64NK16_SS_MN
 
 // dtype dispatch: kBf16 selects .bf16 inputs, otherwise .f16.
 template <bool kBf16>
