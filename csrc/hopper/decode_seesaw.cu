@@ -8,50 +8,64 @@
 // reads Q and K at the shared-memory rate the tensor cores need; the split-S schedule's N = 32
 // does not).
 //
-// One pair (m = running row maxima of raw scores, identical in both warpgroups at pair ends):
-//   WG0: S_c | m_c = max(m, rowmax S_c), P_c | store P_c, m_c; arrive A | O_L *= e^(m - m_c),
-//        O_L += P_c V_c,L | sync B | O_L *= e^(m_c - m_d) | O_L += P_d V_d,L
-//   WG1: S_d | sync A | m_d = max(m_c, rowmax S_d), P_d | store P_d, m_d; arrive B |
-//        O_R *= e^(m - m_c), O_R += P_c V_c,R | O_R *= e^(m_c - m_d), O_R += P_d V_d,R
-// (exp in base 2 with the softmax scale folded in). WG1's scores overlap WG0's softmax, WG0's
-// first P·V overlaps WG1's softmax, and WG1's P·V overlaps WG0's rescale: the tensor cores
-// always have queued work from one warpgroup while the other does CUDA-core work. Both P·V
-// take P from registers (wgmma RS); P crosses to the other warpgroup through the page's RoPE
-// box (box 8, read only by that page's S, so free once S is done) in the register-fragment
-// order: thread t of one warpgroup writes exactly what thread t of the other reads. Row sums
-// are kept per warpgroup (WG0 sums the c pages, WG1 the d pages, each rescaled with its own O)
-// and added in the epilogue.
+// One pair (m = running row maxima of raw scores, identical in both warpgroups at pair ends;
+// exp in base 2 with the softmax scale folded in):
+//   WG0: [S_c done] m_c = max(m, rowmax S_c), P_c -> own P tile; arrive A | O_L *= e^(m - m_c),
+//        O_L += P_c V_c,L | sync B | P_c e^(m_c - m_d) -> page c's RoPE box; arrive C |
+//        O_L *= e^(m_c - m_d), O_L += P_d V_d,L | next pair's S_c (arrive D once queued)
+//   WG1: [S_d done] sync A | m_d = max(m_c, rowmax S_d), P_d -> page d's RoPE box; arrive B |
+//        O_R *= e^(m - m_d), O_R += P_d V_d,R (P_d from registers) | sync C |
+//        O_R += P_c V_c,R (behind it, no wait) | sync D | next pair's S_d
+// So on the tensor cores: S_c, S_d (under WG0's softmax), P_c V_c,L (under WG1's softmax),
+// P_d V_d,R, P_c V_c,R, P_d V_d,L, the next S_c and S_d. The next pair's scores are issued at
+// the end of the pair, right behind its last P·V, and waited for there (nothing is in flight
+// across the loop's back edge, where ptxas could not prove the branches uniform). WG0 issues the
+// next S_c in two commit groups: the boxes of its own V half (loaded long ago), then, once the
+// P_d V_d,L before them is done and page d's boxes are re-armed, the rest (the boxes WG1 frees
+// last). D makes WG1's S_d queue behind S_c, so that S_c finishes first and WG0's softmax
+// overlaps S_d; without D both finish late (measured: no faster).
+// WG1's half of P_c is P_c times e^(m_c - m_d), rounded once more where the maximum moved (as
+// FlashMLA does; measured accuracy equal to the split-S schedule's, kernel-notes.md). All P·V
+// except WG1's own P_d V_d,R read P from shared memory (wgmma SS), which keeps the register
+// count at 236 with no spill. Row sums are kept per warpgroup (each rescaled with its own O) and
+// added in the epilogue.
 //
 // Pipeline ordering and synchronisation:
 //   * full barrier [stage][box], count 1, parity (k / 2) & 1 for the k-th page of the CTA's flat
 //     page stream (stage k % 2), as in decode_hopper.cu. A page's owner waits all nine boxes
-//     for S, the other warpgroup waits its four V boxes before its P·V.
+//     for S, the other warpgroup waits its four V boxes before its P·V. The next pair's pages
+//     use the same stages as this pair's (k + 2, k + 3): the pair body is compiled once per
+//     stage of c, so every shared-memory address in it is a compile-time offset.
 //   * a stage is re-armed box group by box group as soon as its last reader is done, by the
-//     leader thread of the warpgroup that reads it last: warpgroup w's four V boxes after w's
-//     P·V of the page, the RoPE box (holding P) after the non-owner has P in registers. The
-//     owner's scores read its own V half first, then the RoPE box, then the other half (other
-//     orders measured no faster; kernel-notes.md). Causality makes the single releaser safe:
-//     the other warpgroup's reads of a group (the owner's S) precede the hand-off that the
-//     releaser waited for. Each leader advances its copy of the load cursor once per page.
-//   * named barriers A (kFirstPageReadyId) and B (kSecondPageReadyId): the producer
-//     arrives, the consumer syncs, 256 threads each. A warpgroup cannot arrive twice at one
-//     before the other synced it: between two A's, WG0 syncs B (which WG1 arrives after its
-//     A), and a half pair ends the sequence with the epilogue barrier. The same argument keeps
-//     the row-max slots (one per pair position) from being overwritten while still read. In
-//     the PTX memory model a bar.arrive synchronises with the bar.sync that completes the
-//     barrier, which orders the P and row-max stores before the other warpgroup's loads;
-//     compute-sanitizer's racecheck does not model bar.arrive and reports these hand-offs.
-//   * a warpgroup-wide barrier (id 1 + wg) precedes every release, so that all of the
-//     warpgroup's threads passed their wgmma wait (or their P load) first; it also publishes
-//     the zeroing of V rows a P·V must not multiply (tokens past the sequence end; every row of
-//     an unreadable page, whose P is 0 but whose stage holds stale data), done by each
-//     warpgroup in its own V half before its P·V, after fence.proxy.async.
+//     leader thread of the warpgroup that reads it last: page c's V half 0 by WG0 after
+//     P_c V_c,L; page c's V half 1 and RoPE box (P_c for WG1) by WG1 after P_c V_c,R; page d's
+//     V half 1 by WG1 after P_d V_d,R; page d's V half 0 and RoPE box (P_d) by WG0 after
+//     P_d V_d,L, while its next S_c is in flight. Causality makes the single releaser safe: the
+//     other warpgroup's reads of a group precede the hand-off that the releaser waited for.
+//     Each leader advances its copy of the load cursor once per page, c before d.
+//   * named barriers A (kFirstPageReadyId: m_c), B (kSecondPageReadyId: m_d, P_d),
+//     C (kScaledFirstPageId: WG1's P_c) and D (kScoresQueuedId: the next S_c is queued): the
+//     producer arrives, the consumer syncs, 256 threads each. A warpgroup cannot arrive twice at
+//     one before the other synced it: each is used once per pair, and every arrival of the
+//     next pair follows a sync of this pair's barrier that the other warpgroup reaches only
+//     after its own sync (A and C: after B; B: after A; D: after B). The same argument keeps the
+//     row-max slots (one per pair position) and the P tiles from being overwritten while still
+//     read. In the PTX memory model a bar.arrive synchronises with the bar.sync that completes
+//     the barrier, which orders the stores before the other warpgroup's loads (fence.proxy.async
+//     first where wgmmas read them); compute-sanitizer's racecheck does not model bar.arrive and
+//     reports these hand-offs.
+//   * a warpgroup-wide barrier (id 1 + wg) precedes every release and every P·V from a P tile
+//     the warpgroup wrote, so that all of its threads passed their wgmma wait or their stores
+//     first; it also publishes the zeroing of V rows a P·V must not multiply (tokens past the
+//     sequence end; every row of an unreadable page, whose P is 0 but whose stage holds stale
+//     data), done by each warpgroup in its own V half before its P·V, after fence.proxy.async.
 //   * Q: the next sequence's copies start, each warpgroup copying half the chunks, once the
-//     warpgroup knows both scores of the last pair are done (WG0 after B, WG1 after A; after
-//     S_c for a half pair, where WG1 reads no Q). finish_q_load completes them.
+//     warpgroup knows both scores of the last pair are done (WG0 after B and its P_c V_c,L,
+//     WG1 after its last P·V; WG0 after A for a half pair, where WG1 reads no Q).
+//     finish_q_load completes them.
 //
-// Shared memory: Q 72 KB + 2 x 72 KB K stages + row maxima / sums 1 KB + barriers + the two
-// load cursors = 222,376 B (+1 KB alignment slack).
+// Shared memory: Q 72 KB + 2 x 72 KB K stages + WG0's P tile 8 KB + row maxima / sums 1 KB +
+// barriers + the two load cursors = 230,568 B (+1 KB alignment slack).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -64,38 +78,57 @@ namespace jax_flashmla {
 namespace hopper {
 namespace {
 
+
 constexpr int kPageScores = kBlockN / 2;  // fp32 registers per thread for a 64 x 64 S
 constexpr int kPFragRegs = kBlockN / 4;   // 32-bit registers per thread for a 64 x 64 P
 
-// S = Q K^T for the 64 tokens of a page (k = 576, 9 boxes x 4 k16 steps), each box as soon as
-// its TMA landed; the warpgroup's own V half first, then the RoPE box, then the other half.
-template <bool kBf16>
-__device__ __forceinline__ void page_scores(float (&s)[kPageScores], uint64_t desc_q,
-                                            uint32_t stage_addr, uint32_t bars, uint32_t parity,
-                                            int own_half) {
-  const uint64_t desc_k = make_smem_desc(stage_addr, 16, 1024);
+// Issues steps [kFirstStep, kEndStep) of S = Q K^T for the 64 tokens of the page in K stage
+// kStage (k = 576: 9 boxes of 4 k16 steps, one step per box here) as one commit group, each box
+// as soon as its TMA landed, in the order: half kOwnHalf of V, the RoPE box, the other half. The
+// caller waits for the group. Every operand address is a compile-time offset from the
+// shared-memory base, so the descriptors are one uniform register plus immediates (with the
+// stage a runtime value, ptxas rebuilt each in ordinary registers: ~8 instructions and ~6 live
+// registers per wgmma).
+template <bool kBf16, int kStage, int kOwnHalf, int kFirstStep = 0, int kEndStep = kNumBoxesQK>
+__device__ __forceinline__ void issue_page_scores(float (&s)[kPageScores], uint64_t desc_base,
+                                                  uint32_t bar_addr, uint32_t parity) {
+  if constexpr (kFirstStep == 0) {
 #pragma unroll
-  for (int i = 0; i < kPageScores; ++i) s[i] = 0.f;
+    for (int i = 0; i < kPageScores; ++i) s[i] = 0.f;
+  }
   fence_regs(s);
 #pragma unroll
-  for (int step = 0; step < kNumBoxesQK; ++step) {
-    const int box = step < kBoxesPerWarpgroupV       ? own_half * kBoxesPerWarpgroupV + step
+  for (int step = kFirstStep; step < kEndStep; ++step) {
+    const int box = step < kBoxesPerWarpgroupV       ? kOwnHalf * kBoxesPerWarpgroupV + step
                     : step == kBoxesPerWarpgroupV    ? seesaw::kRopeBox
-                                                     : (1 - own_half) * kBoxesPerWarpgroupV +
+                                                     : (1 - kOwnHalf) * kBoxesPerWarpgroupV +
                                                         step - kBoxesPerWarpgroupV - 1;
-    mbar_wait(bars + box * 8, parity);
+    mbar_wait(bar_addr + (kStage * kNumBoxesQK + box) * 8, parity);
     // The wait is a loop between wgmmas: fence here, as ptxas would otherwise insert it.
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const uint32_t off = box * kBoxBytes + kk * 32;
-      Wgmma<kBf16>::qk64(s, desc_advance(desc_q, off), desc_advance(desc_k, off),
+      Wgmma<kBf16>::qk64(s, desc_advance(desc_base, kSmemQ + off),
+                         desc_advance(desc_base, kSmemK + kStage * kTileBytes + off),
                          (step | kk) != 0 ? 1 : 0);
     }
   }
   wgmma_commit();
-  wgmma_wait<0>();
-  fence_regs(s);
+}
+
+// Calls body(std::integral_constant<int, stage>()) for a K stage known only at run time, so that
+// the body's shared-memory offsets are compile-time constants. `stage` must be warp-uniform in a
+// way ptxas can see (e.g. from __shfl_sync): wgmmas in a branch it considers divergent are
+// serialised (C7520).
+template <typename Body>
+__device__ __forceinline__ void with_stage(int stage, Body&& body) {
+  static_assert(kNumKStages == 2, "one branch per K stage");
+  if (stage == 0) {
+    body(std::integral_constant<int, 0>());
+  } else {
+    body(std::integral_constant<int, 1>());
+  }
 }
 
 // Scores of an unreadable page: all masked (its rows are poisoned instead).
@@ -103,6 +136,47 @@ __device__ __forceinline__ void masked_scores(float (&s)[kPageScores]) {
 #pragma unroll
   for (int i = 0; i < kPageScores; ++i) s[i] = -INFINITY;
 }
+
+// WG0: S of a pair's first page into s, announcing to WG1 (barrier D) once it is queued, so that
+// WG1's scores of the second page queue behind it. `while_in_flight` runs as soon as every
+// earlier wgmma group of the warpgroup (a P V) is done, with the first V half's part of the scores
+// in flight (those boxes were loaded long ago; the rest may still be waiting for their TMA): it
+// must not touch s.
+template <bool kBf16, int kStage, typename Body>
+__device__ __forceinline__ void first_page_scores(float (&s)[kPageScores], bool readable_page,
+                                                  uint64_t desc_base, uint32_t bar_addr,
+                                                  uint32_t parity, Body&& while_in_flight) {
+  if (readable_page) {
+    issue_page_scores<kBf16, kStage, 0, 0, kBoxesPerWarpgroupV>(s, desc_base, bar_addr, parity);
+    wgmma_wait<1>();
+    while_in_flight();
+    issue_page_scores<kBf16, kStage, 0, kBoxesPerWarpgroupV>(s, desc_base, bar_addr, parity);
+    named_barrier_arrive(seesaw::kScoresQueuedId, kThreads);  // D
+    wgmma_wait<0>();
+    fence_regs(s);
+  } else {
+    masked_scores(s);
+    named_barrier_arrive(seesaw::kScoresQueuedId, kThreads);  // D
+    wgmma_wait<0>();
+    while_in_flight();
+  }
+}
+
+// WG1: S of a pair's second page into s, queued behind WG0's first page (barrier D).
+template <bool kBf16, int kStage>
+__device__ __forceinline__ void second_page_scores(float (&s)[kPageScores], bool readable_page,
+                                                   uint64_t desc_base, uint32_t bar_addr,
+                                                   uint32_t parity) {
+  named_barrier_sync(seesaw::kScoresQueuedId, kThreads);  // D
+  if (readable_page) {
+    issue_page_scores<kBf16, kStage, 1>(s, desc_base, bar_addr, parity);
+    wgmma_wait<0>();
+    fence_regs(s);
+  } else {
+    masked_scores(s);
+  }
+}
+
 
 // Masks the columns at or past each row's key limit (only called on pages that need it).
 __device__ __forceinline__ void mask_scores(float (&s)[kPageScores], int base, const int (&lim)[2],
@@ -175,36 +249,74 @@ __device__ __forceinline__ void pack_p(const float (&s)[kPageScores], uint32_t (
   }
 }
 
-// P hand-off through a RoPE box, in fragment order: 16-byte vector v of thread t at
-// (v * 128 + t) * 16, so each warp's access is 512 contiguous bytes (no bank conflicts).
-__device__ __forceinline__ void store_p(uint32_t box, const uint32_t (&a)[kPFragRegs], int wtid) {
+// P tiles in shared memory, the A operand of a P V wgmma from shared memory: 64 rows x 64 tokens,
+// K-major, 128B-swizzled like a TMA box (element (r, t) at r * 128 + ((t / 8) ^ (r % 8)) * 16 +
+// (t % 8) * 2). A warp moves its 16 rows with one stmatrix / ldmatrix .x4 per k16 step v: the
+// four 8 x 8 matrices are the step's fragment registers (rows 0-7 / 8-15 of the warp's, tokens
+// 16v.. / 16v + 8.., i.e. register r of the step is on row r % 2, as pack_p packs them), and
+// lane l gives the address of row l % 8 of matrix l / 8. Within a warp the 8 rows of a matrix hit
+// 8 distinct 16-byte slots.
+__device__ __forceinline__ uint32_t p_tile_row(uint32_t tile, int warp, int lane, int v) {
+  const int matrix = lane >> 3;
+  const int row_in_8 = lane & 7;
+  const int chunk = 2 * v + (matrix >> 1);
+  return tile + (warp * 16 + (matrix & 1) * 8 + row_in_8) * 128 + ((chunk ^ row_in_8) << 4);
+}
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&a)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+               "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3])
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&a)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// Stores a packed P fragment (pack_p) into a P tile.
+__device__ __forceinline__ void store_p_tile(uint32_t tile, const uint32_t (&a)[kPFragRegs],
+                                             int warp, int lane) {
 #pragma unroll
   for (int v = 0; v < kPFragRegs / 4; ++v) {
-    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(
-                     box + (v * kWarpgroupThreads + wtid) * 16),
-                 "r"(a[4 * v]), "r"(a[4 * v + 1]), "r"(a[4 * v + 2]), "r"(a[4 * v + 3])
-                 : "memory");
+    const uint32_t step[4] = {a[4 * v], a[4 * v + 1], a[4 * v + 2], a[4 * v + 3]};
+    stmatrix_x4(p_tile_row(tile, warp, lane, v), step);
   }
 }
-// Loads a page's P; an unreadable page has none (its P V multiplies zeros then).
-__device__ __forceinline__ void load_p(bool readable_page, uint32_t box,
-                                       uint32_t (&a)[kPFragRegs], int wtid) {
-  if (!readable_page) {
-#pragma unroll
-    for (int i = 0; i < kPFragRegs; ++i) a[i] = 0u;
-    return;
+
+// The two 16-bit values of a packed pair, as fp32 (exact).
+template <bool kBf16>
+__device__ __forceinline__ float2 unpack2(uint32_t v) {
+  if constexpr (kBf16) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&v));
   }
+}
+
+// Copies the warp's rows of P tile `from` to P tile `to`, times factor[row]. A factor of exactly 1
+// (the usual case: the row maxima did not move) copies P unchanged; otherwise the product is
+// rounded again. No skip test: this runs while a P V is in flight, where a branch, even a
+// warp-uniform one, is best avoided. The caller orders it after its own warp's stores of `from`.
+template <bool kBf16>
+__device__ __forceinline__ void copy_scaled_p_tile(uint32_t from, uint32_t to,
+                                                   const float (&factor)[2], int warp, int lane) {
 #pragma unroll
   for (int v = 0; v < kPFragRegs / 4; ++v) {
-    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(a[4 * v]), "=r"(a[4 * v + 1]), "=r"(a[4 * v + 2]), "=r"(a[4 * v + 3])
-                 : "r"(box + (v * kWarpgroupThreads + wtid) * 16)
-                 : "memory");
+    const uint32_t row = p_tile_row(from, warp, lane, v);
+    uint32_t a[4];
+    ldmatrix_x4(row, a);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float2 pair = unpack2<kBf16>(a[r]);
+      a[r] = pack2<kBf16>(pair.x * factor[r & 1], pair.y * factor[r & 1]);
+    }
+    stmatrix_x4(row - from + to, a);
   }
 }
 
 // O[:, this warpgroup's 256 columns] += P V for one page (4 k16 steps of m64n256k16, P from
-// registers, V = this warpgroup's four V boxes read MN-major), committed as one group.
+// registers, V = this warpgroup's four V boxes read MN-major), not committed.
 template <bool kBf16>
 __device__ __forceinline__ void issue_pv(float (&o)[128], uint32_t (&a)[kPFragRegs],
                                          uint32_t v_addr) {
@@ -215,6 +327,23 @@ __device__ __forceinline__ void issue_pv(float (&o)[128], uint32_t (&a)[kPFragRe
   for (int v = 0; v < 4; ++v) {
     // 4 boxes along N (LBO = one box), tokens 16v.. (2048 bytes per k16 step).
     Wgmma<kBf16>::pv256_rs(o, a + 4 * v, make_smem_desc(v_addr + v * 2048, kBoxBytes, 1024));
+  }
+}
+
+// O[:, this warpgroup's 256 columns] += P V with P from a P tile, not committed. It may follow a
+// P V group still in flight on the same O: both are m64n256k16, and the hardware keeps wgmmas of
+// one shape on one accumulator in order.
+template <bool kBf16>
+__device__ __forceinline__ void issue_pv_from_tile(float (&o)[128], uint32_t p_tile,
+                                                   uint32_t v_addr) {
+  wgmma_fence();  // o may have been rescaled by ordinary instructions
+  fence_regs(o);
+  const uint64_t desc_p = make_smem_desc(p_tile, 16, 1024);
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+    // A: tokens 16v.. of the K-major P tile (+32 bytes per k16 step); B as in issue_pv.
+    Wgmma<kBf16>::pv256_ss(o, desc_advance(desc_p, v * 32),
+                           make_smem_desc(v_addr + v * 2048, kBoxBytes, 1024));
   }
 }
 
@@ -301,11 +430,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr uint32_t kRow8 = 8 * 4;  // byte distance of row0 + 8 from row0 in an fp32 row array
   // Row maxima [pair position][row] (fp32): this thread's slot of the first position.
   const uint32_t max_first = base_addr + seesaw::kSmemRowMax + row0 * 4;
+  const uint32_t first_p_tile = base_addr + seesaw::kSmemFirstP;  // WG0's P of page c
   constexpr uint32_t kToSecond = kBlockM * 4;  // from a pair-position-0 slot to its position 1
   const bool causal = p.causal && p.seqlen_q > 1;
   const float scale_log2 = p.scale_log2;
   const int cap = p.max_pages_per_seq * kPageSize;
-  const uint64_t desc_q = make_smem_desc(q_addr, 16, 1024);
+  // K-major operands of S (Q, K): one descriptor, advanced by compile-time offsets.
+  const uint64_t desc_base = make_smem_desc(base_addr, 16, 1024);
   const uint32_t v_half = wg * kBoxesPerWarpgroupV * kBoxBytes;  // this warpgroup's V boxes
 
   int k = 0;  // flat stream index of the current pair's first page
@@ -339,9 +470,30 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     const int page_begin = lo / kPageSize;
     const int page_end = (hi + kPageSize - 1) / kPageSize;
+    // Scores of this warpgroup's page of the current pair (WG0: the first page, WG1: the second).
+    // Each pair's are computed at the end of the previous pair (or here, for the first), so that
+    // they queue on the tensor cores right behind that pair's last P V.
+    float sp[kPageScores];
+    if (page_begin < page_end) {
+      const bool pair = page_begin + 1 < page_end;
+      with_stage(__shfl_sync(0xffffffffu, k & 1, 0), [&](auto stage_of_c) {
+        constexpr int kStageC = decltype(stage_of_c)::value;
+        if (wg == 0) {
+          first_page_scores<kBf16, kStageC>(sp, readable(p, block_table_row(p, s, page_begin)),
+                                            desc_base, bar_addr, (k >> 1) & 1, [] {});
+        } else if (pair) {
+          second_page_scores<kBf16, kStageC ^ 1>(
+              sp, readable(p, block_table_row(p, s, page_begin + 1)), desc_base, bar_addr,
+              ((k + 1) >> 1) & 1);
+        } else {
+          named_barrier_sync(seesaw::kScoresQueuedId, kThreads);  // D
+        }
+      });
+    }
     for (int first = page_begin; first < page_end; first += 2) {
       const bool pair = first + 1 < page_end;
       const bool last_pair = first + 2 >= page_end;
+      const bool next_pair_full = first + 3 < page_end;  // the next pair has two pages
       const int base_c = first * kPageSize;
       const int base_d = base_c + kPageSize;
       const bool ok_c = readable(p, block_table_row(p, s, first));
@@ -350,16 +502,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 2; ++i)
         poisoned[i] = poisoned[i] || (!ok_c && base_c < lim[i]) ||
                       (pair && !ok_d && base_d < lim[i]);
-      const int stage_c = k & 1;
-      const int stage_d = stage_c ^ 1;
       const uint32_t parity_c = (k >> 1) & 1;
       const uint32_t parity_d = ((k + 1) >> 1) & 1;
-      const uint32_t kst_c = k_addr + stage_c * kTileBytes;
-      const uint32_t kst_d = k_addr + stage_d * kTileBytes;
-      const uint32_t bars_c = bar_addr + stage_c * kNumBoxesQK * 8;
-      const uint32_t bars_d = bar_addr + stage_d * kNumBoxesQK * 8;
-      const uint32_t p_box_c = kst_c + seesaw::kRopeBox * kBoxBytes;  // P_c after S_c
-      const uint32_t p_box_d = kst_d + seesaw::kRopeBox * kBoxBytes;
       // The page holding the piece's end has garbage rows past it (zeroed before P V).
       const bool tail_c = !pair && base_c + kPageSize > hi;
       const bool tail_d = pair && base_d + kPageSize > hi;
@@ -370,59 +514,60 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int zero_from_c = ok_c ? hi - base_c : 0;
       const int zero_from_d = ok_d ? hi - base_d : 0;
 
-      if (wg == 0) {
-        // ---- page c: scores, softmax, hand P_c and m_c to WG1, own half of P_c V_c ----
-        float sc[kPageScores];
-        if (ok_c) {
-          page_scores<kBf16>(sc, desc_q, kst_c, bars_c, parity_c, 0);
-        } else {
-          masked_scores(sc);
-        }
-        if (base_c + kPageSize > tile_lim) mask_scores(sc, base_c, lim, q4);
-        float mx[2];
-        page_row_max(sc, mx);
-        float m_c[2], alpha[2], offset[2], rsum[2];
+      // The pair body is compiled once per stage of page c, so that every shared-memory address
+      // in it is a compile-time offset from the base (fewer instructions and live registers).
+      // k is the same in every thread; the broadcast lets ptxas see that (with_stage). The next
+      // pair's pages use the same stages (with the other parity).
+      with_stage(__shfl_sync(0xffffffffu, k & 1, 0), [&](auto stage_of_c) {
+        constexpr int kStageC = decltype(stage_of_c)::value;
+        constexpr int kStageD = kStageC ^ 1;
+        const uint32_t kst_c = k_addr + kStageC * kTileBytes;
+        const uint32_t kst_d = k_addr + kStageD * kTileBytes;
+        const uint32_t bars_c = bar_addr + kStageC * kNumBoxesQK * 8;
+        const uint32_t bars_d = bar_addr + kStageD * kNumBoxesQK * 8;
+        const uint32_t p_box_c = kst_c + seesaw::kRopeBox * kBoxBytes;  // P_c for WG1 after S_c
+        const uint32_t p_box_d = kst_d + seesaw::kRopeBox * kBoxBytes;  // P_d for WG0 after S_d
+        if (wg == 0) {
+          // ---- softmax of page c (over WG1's scores of page d), m_c to WG1 (A) ----
+          if (base_c + kPageSize > tile_lim) mask_scores(sp, base_c, lim, q4);
+          float mx[2];
+          page_row_max(sp, mx);
+          float m_c[2], alpha[2], offset[2], rsum[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          m_c[i] = fmaxf(m_run[i], mx[i]);
-          alpha[i] = rescale_factor(m_run[i], m_c[i], scale_log2);
-          offset[i] = max_offset(m_c[i], scale_log2);
-        }
-        exponentiate(sc, offset, scale_log2, rsum);
-        uint32_t pc[kPFragRegs];
-        pack_p<kBf16>(sc, pc);
-        if (ok_c) store_p(p_box_c, pc, wtid);
-        if (q4 == 0) {
-          st_shared_f32(max_first, m_c[0]);
-          st_shared_f32(max_first + kRow8, m_c[1]);
-        }
-        named_barrier_arrive(seesaw::kFirstPageReadyId, kThreads);  // A
-        if (!pair && more_seqs) {  // half pair: WG1 reads no Q; S_c, the last reader, is done
-          start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
-        }
+          for (int i = 0; i < 2; ++i) {
+            m_c[i] = fmaxf(m_run[i], mx[i]);
+            alpha[i] = rescale_factor(m_run[i], m_c[i], scale_log2);
+            offset[i] = max_offset(m_c[i], scale_log2);
+          }
+          exponentiate(sp, offset, scale_log2, rsum);  // sp = P_c (relative to m_c)
+          {
+            uint32_t pc[kPFragRegs];
+            pack_p<kBf16>(sp, pc);
+            store_p_tile(first_p_tile, pc, warp, lane);
+          }
+          fence_proxy_async_smem();  // the P tile is read by wgmmas (async proxy)
+          if (q4 == 0) {
+            st_shared_f32(max_first, m_c[0]);
+            st_shared_f32(max_first + kRow8, m_c[1]);
+          }
+          named_barrier_arrive(seesaw::kFirstPageReadyId, kThreads);  // A
+          if (!pair && more_seqs) {  // half pair: WG1 reads no Q; S_c, the last reader, is done
+            start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
+          }
 #pragma unroll
-        for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rsum[i];
-        scale_rows(o, alpha);
-        if (tail_c || !ok_c) prepare_v_half(kst_c, bars_c, parity_c, wg, wtid, true, zero_from_c);
-        issue_pv<kBf16>(o, pc, kst_c + v_half);
-        wgmma_commit();
-        if (pair) {
-          // ---- page d: WG1's max and P, then own half of P_d V_d ----
+          for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rsum[i];
+          scale_rows(o, alpha);
+          if (tail_c || !ok_c) {
+            prepare_v_half(kst_c, bars_c, parity_c, wg, wtid, true, zero_from_c);
+          } else {
+            named_barrier_sync(1 + wg, kWarpgroupThreads);  // the whole P tile is stored
+          }
+          issue_pv_from_tile<kBf16>(o, first_p_tile, kst_c + v_half);  // O_L += P_c V_c,L
+          wgmma_commit();
+          // ---- m_d from WG1 (B); P_c relative to m_d to WG1 (C) ----
           named_barrier_sync(seesaw::kSecondPageReadyId, kThreads);  // B
           const float m_d[2] = {ld_shared_f32(max_first + kToSecond),
                                 ld_shared_f32(max_first + kToSecond + kRow8)};
-          wgmma_wait<0>();  // P_c V_c,L done (P_c's registers are free again)
-          fence_regs(o);
-          fence_regs(pc);
-          if (last_pair && more_seqs) {  // S_c (own) and S_d (before B) are done
-            start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
-          }
-          uint32_t pd[kPFragRegs];
-          load_p(ok_d, p_box_d, pd, wtid);
-          named_barrier_sync(1 + wg, kWarpgroupThreads);
-          reload(stage_c, 0, kBoxesPerWarpgroupV);  // page c's V half 0 -> page c + 2
-          next_page();
-          reload(stage_d, seesaw::kRopeBox, 1);  // page d's RoPE box (P_d is in registers) -> d + 2
           float beta[2];
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
@@ -430,101 +575,112 @@ __global__ void __launch_bounds__(kThreads, 1)
             l_run[i] *= beta[i];
             m_run[i] = m_d[i];
           }
-          scale_rows(o, beta);
-          prepare_v_half(kst_d, bars_d, parity_d, wg, wtid, tail_d || !ok_d, zero_from_d);
-          issue_pv<kBf16>(o, pd, kst_d + v_half);
-          wgmma_commit();
-          wgmma_wait<0>();  // P_d V_d,L done
+          copy_scaled_p_tile<kBf16>(first_p_tile, p_box_c, beta, warp, lane);
+          fence_proxy_async_smem();  // read by WG1's wgmmas (async proxy)
+          named_barrier_arrive(seesaw::kScaledFirstPageId, kThreads);  // C
+          wgmma_wait<0>();  // P_c V_c,L done
           fence_regs(o);
           named_barrier_sync(1 + wg, kWarpgroupThreads);
-          reload(stage_d, 0, kBoxesPerWarpgroupV);  // page d's V half 0 -> page d + 2
+          reload(kStageC, 0, kBoxesPerWarpgroupV);  // page c's V half 0 -> page c + 2
           next_page();
-        } else {
-          wgmma_wait<0>();
-          fence_regs(o);
-          named_barrier_sync(1 + wg, kWarpgroupThreads);
-          reload(stage_c, 0, kBoxesPerWarpgroupV);
-          next_page();
-#pragma unroll
-          for (int i = 0; i < 2; ++i) m_run[i] = m_c[i];
-        }
-      } else {
-        // ---- page d: scores while WG0 does page c's softmax ----
-        float sd[kPageScores];
-        float mx[2] = {-INFINITY, -INFINITY};
-        if (pair) {
-          if (ok_d) {
-            page_scores<kBf16>(sd, desc_q, kst_d, bars_d, parity_d, 1);
-          } else {
-            masked_scores(sd);
+          if (last_pair && more_seqs && pair) {  // S_c and S_d (before B) are done
+            start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
           }
-          if (base_d + kPageSize > tile_lim) mask_scores(sd, base_d, lim, q4);
-          page_row_max(sd, mx);
-        }
-        named_barrier_sync(seesaw::kFirstPageReadyId, kThreads);  // A
-        const float m_c[2] = {ld_shared_f32(max_first), ld_shared_f32(max_first + kRow8)};
-        // O_R goes to m_c for P_c V_c,R and then to m_d for P_d V_d,R: P_c stays as WG0
-        // rounded it (its largest entry exactly 1), as the split-S schedule's P does. Scaling
-        // P_c to m_d instead would round it twice, heavy entries included.
-        float m_d[2], alpha[2], beta[2], offset[2];
-        float rsum[2] = {0.f, 0.f};
+          scale_rows(o, beta);
+          if (pair) {
+            // ---- O_L += P_d V_d,L, then (behind it) the next pair's S_c ----
+            prepare_v_half(kst_d, bars_d, parity_d, wg, wtid, tail_d || !ok_d, zero_from_d);
+            issue_pv_from_tile<kBf16>(o, p_box_d, kst_d + v_half);
+            wgmma_commit();
+            // Page d's V half 0 and RoPE box (P_d) are free once P_d V_d,L is done.
+            auto release_page_d = [&] {
+              fence_regs(o);
+              named_barrier_sync(1 + wg, kWarpgroupThreads);
+              reload(kStageD, 0, kBoxesPerWarpgroupV);  // -> page d + 2
+              reload(kStageD, seesaw::kRopeBox, 1);
+              next_page();
+            };
+            if (!last_pair) {
+              first_page_scores<kBf16, kStageC>(sp, readable(p, block_table_row(p, s, first + 2)),
+                                                desc_base, bar_addr, parity_c ^ 1,
+                                                release_page_d);
+            } else {
+              wgmma_wait<0>();
+              release_page_d();
+            }
+          }
+        } else {
+          // ---- page d (scores done): softmax over WG0's P_c V_c,L, m_d and P_d to WG0 (B) ----
+          float mx[2] = {-INFINITY, -INFINITY};
+          if (pair) {
+            if (base_d + kPageSize > tile_lim) mask_scores(sp, base_d, lim, q4);
+            page_row_max(sp, mx);
+          }
+          named_barrier_sync(seesaw::kFirstPageReadyId, kThreads);  // A
+          const float m_c[2] = {ld_shared_f32(max_first), ld_shared_f32(max_first + kRow8)};
+          float m_d[2], gamma[2], offset[2];
+          float rsum[2] = {0.f, 0.f};
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          m_d[i] = fmaxf(m_c[i], mx[i]);
-          alpha[i] = rescale_factor(m_run[i], m_c[i], scale_log2);
-          beta[i] = rescale_factor(m_c[i], m_d[i], scale_log2);
-          offset[i] = max_offset(m_d[i], scale_log2);
-        }
-        uint32_t pd[kPFragRegs];
-        if (pair) {  // first P_d and m_d, which WG0 waits for, then P_c
-          exponentiate(sd, offset, scale_log2, rsum);
-          pack_p<kBf16>(sd, pd);
-          if (ok_d) store_p(p_box_d, pd, wtid);
+          for (int i = 0; i < 2; ++i) {
+            m_d[i] = fmaxf(m_c[i], mx[i]);
+            gamma[i] = rescale_factor(m_run[i], m_d[i], scale_log2);
+            offset[i] = max_offset(m_d[i], scale_log2);
+          }
+          uint32_t pd[kPFragRegs];
+          if (pair) {
+            exponentiate(sp, offset, scale_log2, rsum);
+            pack_p<kBf16>(sp, pd);
+            store_p_tile(p_box_d, pd, warp, lane);
+            fence_proxy_async_smem();  // read by WG0's wgmmas (async proxy)
+          }
           if (q4 == 0) {
             st_shared_f32(max_first + kToSecond, m_d[0]);
             st_shared_f32(max_first + kToSecond + kRow8, m_d[1]);
           }
           named_barrier_arrive(seesaw::kSecondPageReadyId, kThreads);  // B
-        }
-        uint32_t pc[kPFragRegs];
-        load_p(ok_c, p_box_c, pc, wtid);
-        if (last_pair && more_seqs) {  // S_c (before A) and S_d (own) are done
-          start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
-        }
-        // P_c is in registers: page c's RoPE box can take page c + 2's.
-        fence_proxy_async_smem();
-        named_barrier_sync(1 + wg, kWarpgroupThreads);
-        reload(stage_c, seesaw::kRopeBox, 1);
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          l_run[i] = l_run[i] * alpha[i] * beta[i] + rsum[i];
-          m_run[i] = m_d[i];
-        }
-        scale_rows(o, alpha);
-        prepare_v_half(kst_c, bars_c, parity_c, wg, wtid, tail_c || !ok_c, zero_from_c);
-        if (pair) prepare_v_half(kst_d, bars_d, parity_d, wg, wtid, tail_d || !ok_d, zero_from_d);
-        issue_pv<kBf16>(o, pc, kst_c + v_half);
-        wgmma_commit();
-        wgmma_wait<0>();  // unconditional: a wait under `if (pair)` would serialise (C7520)
-        fence_regs(o);
-        if (pair) {
-          scale_rows(o, beta);
-          issue_pv<kBf16>(o, pd, kst_d + v_half);
-          wgmma_commit();
-        }
-        // Both pages' V halves are released only once both P V are done: releasing page c's
-        // between them puts the leader's load code under the in-flight P_d V_d, and ptxas then
-        // serialises every wgmma of the kernel (C7518).
-        wgmma_wait<0>();
-        fence_regs(o);
-        named_barrier_sync(1 + wg, kWarpgroupThreads);
-        reload(stage_c, kBoxesPerWarpgroupV, kBoxesPerWarpgroupV);  // V half 1 -> page c + 2
-        next_page();
-        if (pair) {
-          reload(stage_d, kBoxesPerWarpgroupV, kBoxesPerWarpgroupV);  // -> page d + 2
+          for (int i = 0; i < 2; ++i) {
+            l_run[i] = l_run[i] * gamma[i] + rsum[i];
+            m_run[i] = m_d[i];
+          }
+          scale_rows(o, gamma);  // O_R now relative to m_d, for both pages' P V
+          // ---- O_R += P_d V_d,R (own P, at once) + P_c V_c,R (once WG0 scaled P_c: C) ----
+          // Inlined into each branch, so that each waits for its own wgmmas: one in flight across
+          // the merge would make ptxas serialise them all (C7520).
+          auto add_first_page_and_wait = [&] {
+            prepare_v_half(kst_c, bars_c, parity_c, wg, wtid, tail_c || !ok_c, zero_from_c);
+            named_barrier_sync(seesaw::kScaledFirstPageId, kThreads);  // C
+            issue_pv_from_tile<kBf16>(o, p_box_c, kst_c + v_half);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(o);
+          };
+          if (pair) {
+            prepare_v_half(kst_d, bars_d, parity_d, wg, wtid, tail_d || !ok_d, zero_from_d);
+            issue_pv<kBf16>(o, pd, kst_d + v_half);
+            add_first_page_and_wait();
+          } else {
+            add_first_page_and_wait();
+          }
+          // The next sequence's Q: S_c (before A) and S_d were its last readers. Here rather
+          // than right after A: P_d's registers are free now.
+          if (last_pair && more_seqs) start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);
+          named_barrier_sync(1 + wg, kWarpgroupThreads);
+          reload(kStageC, kBoxesPerWarpgroupV, kBoxesPerWarpgroupV + 1);  // V half 1 + RoPE -> c + 2
           next_page();
+          if (pair) {
+            reload(kStageD, kBoxesPerWarpgroupV, kBoxesPerWarpgroupV);  // V half 1 -> page d + 2
+            next_page();
+          }
+          // ---- the next pair's S_d, queued behind WG0's S_c ----
+          if (next_pair_full) {
+            second_page_scores<kBf16, kStageD>(sp, readable(p, block_table_row(p, s, first + 3)),
+                                               desc_base, bar_addr, parity_d ^ 1);
+          } else if (!last_pair) {
+            named_barrier_sync(seesaw::kScoresQueuedId, kThreads);  // D (the next pair is a half pair)
+          }
         }
-      }
+      });
       k += pair ? 2 : 1;
     }
 

@@ -52,30 +52,36 @@ constexpr int kSColsPerWarpgroup = kBlockN / 2;
 constexpr int kCtaBarrierId = 3;  // named barrier over all 256 threads (the exchanges)
 
 // Seesaw schedule (decode_seesaw.cu): pages are taken in pairs; the first page's scores are
-// computed by warpgroup 0, the second's by warpgroup 1, each page's P goes to the other
-// warpgroup through the page's own RoPE box (box 8, read by no P V), so there is no P tile.
+// computed by warpgroup 0, the second's by warpgroup 1. Warpgroup 0 keeps the first page's P in
+// its own tile; each page's P for the other warpgroup goes through the page's RoPE box (box 8,
+// read by no P V, so free once the page's scores are done).
 //   [0, 73728)            Q tile
 //   [73728, 221184)       K stages 0 and 1
-//   [221184, +512)        row maxima [pair position][64] (fp32)
-//   [221696, +512)        row sums [warpgroup][64] (fp32)
-//   [222208, +144)        full barriers, [stage][box]
-//   [222352, +24)         the two leaders' load cursors
+//   [221184, 229376)      warpgroup 0's P tile (first page of a pair)
+//   [229376, +512)        row maxima [pair position][64] (fp32)
+//   [229888, +512)        row sums [warpgroup][64] (fp32)
+//   [230400, +144)        full barriers, [stage][box]
+//   [230544, +24)         the two leaders' load cursors
 namespace seesaw {
 constexpr int kRopeBox = kNumBoxesQK - 1;  // box 8: columns 512..575, used by S only
-constexpr int kSmemRowMax = kSmemK + kNumKStages * kTileBytes;
+constexpr int kSmemFirstP = kSmemK + kNumKStages * kTileBytes;
+constexpr int kSmemRowMax = kSmemFirstP + kBoxBytes;
 constexpr int kSmemRowSum = kSmemRowMax + 2 * kBlockM * 4;
 constexpr int kSmemBar = kSmemRowSum + 2 * kBlockM * 4;
 constexpr int kSmemCursors = kSmemBar + kNumKStages * kNumBoxesQK * 8;
 constexpr int kSmemUsed = kSmemCursors + 2 * 3 * 4;
 constexpr int kSmemBytes = kSmemUsed + kSmemAlign;
 static_assert(kSmemBytes <= 227 * 1024, "exceeds the sm_90 per-block shared memory limit");
+static_assert(kSmemFirstP % 1024 == 0, "P tile must be 1024-aligned (swizzle atom)");
 static_assert(kSmemBar % 8 == 0, "mbarriers need 8-byte alignment");
 static_assert(kBlockM * kBlockN * 2 == kBoxBytes, "a page's P tile must fit its RoPE box");
 
 // Named barriers (0 is __syncthreads, 1 + wg are the warpgroups' own).
-constexpr int kFirstPageReadyId = 3;   // warpgroup 0 arrives (max and P of the first page)
+constexpr int kFirstPageReadyId = 3;   // warpgroup 0 arrives (row maxima of the first page)
 constexpr int kSecondPageReadyId = 4;  // warpgroup 1 arrives (max and P of the second page)
 constexpr int kEpilogueBarrierId = 5;  // all 256 threads: row sums exchanged
+constexpr int kScaledFirstPageId = 6;  // warpgroup 0 arrives (first page's P relative to m_d)
+constexpr int kScoresQueuedId = 7;     // warpgroup 0 arrives (first page's scores issued)
 }  // namespace seesaw
 
 }  // namespace hopper
