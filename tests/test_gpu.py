@@ -179,6 +179,21 @@ def test_faulty_lengths_and_block_ids_give_nan_rows_and_stay_in_bounds(kernel):
     assert_close(*run(case, kernel), *oracle(case), ml_dtypes.bfloat16)
 
 
+def test_a_sequence_after_a_length_past_the_table_reads_its_own_queries(kernel):
+    # A length far past the block table's capacity makes the scheduler start partitions deep
+    # inside that sequence, where the kernel has no page to read; the partition's next sequence
+    # must still load its own queries, not decode with the previous sequence's.
+    rng = np.random.default_rng()
+    case = make_case(rng, batch=3, seqlen_q=2, heads_q=16, causal=True, lengths=[300, 300, 900])
+    capacity = case.block_table.shape[1] * 64
+    case.cache_seqlens[0] = -1
+    case.cache_seqlens[1] = 1 << 20
+    metadata, splits = jax_flashmla.get_mla_metadata(case.cache_seqlens, 32, 1, num_sm_parts=5)
+    begin_seq, begin_token, end_seq = np.asarray(metadata)[-1, :3]
+    assert (begin_seq, end_seq) == (1, 2) and begin_token > capacity  # the situation under test
+    assert_close(*run(case, kernel, metadata, splits), *oracle(case), ml_dtypes.bfloat16)
+
+
 def test_all_empty_batch(kernel):
     rng = np.random.default_rng()
     case = make_case(rng, batch=5, seqlen_q=1, heads_q=64, lengths=[0] * 5)

@@ -156,6 +156,9 @@ __device__ __forceinline__ void first_page_scores(float (&s)[kPageScores], bool 
     fence_regs(s);
   } else {
     masked_scores(s);
+    // Completed by a plain arrival; waited all the same, so that every phase of every box is
+    // consumed before the box is re-armed (the V halves are waited before their P V).
+    mbar_wait(bar_addr + (kStage * kNumBoxesQK + seesaw::kRopeBox) * 8, parity);
     named_barrier_arrive(seesaw::kScoresQueuedId, kThreads);  // D
     wgmma_wait<0>();
     while_in_flight();
@@ -174,6 +177,7 @@ __device__ __forceinline__ void second_page_scores(float (&s)[kPageScores], bool
     fence_regs(s);
   } else {
     masked_scores(s);
+    mbar_wait(bar_addr + (kStage * kNumBoxesQK + seesaw::kRopeBox) * 8, parity);  // as for WG0
   }
 }
 
@@ -701,8 +705,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     named_barrier_sync(seesaw::kEpilogueBarrierId, kThreads);
     l_run[0] += ld_shared_f32(sum_other);
     l_run[1] += ld_shared_f32(sum_other + kRow8);
-    // A piece without pages read no Q: start the next one now, behind the output stores.
-    if (page_begin == page_end && more_seqs)
+    // A piece without pages read no Q: start the next one now, behind the output stores. (Also
+    // when page_begin > page_end: a partition may begin past a too-long length's capacity.)
+    if (page_begin >= page_end && more_seqs)
       start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);
     write_piece<kBf16>(p, pt, s, kvh, row_info(p, tile_m, warp, g), o, l_run, m_run, poisoned,
                        wg * kColsPerWarpgroup, q4, wg == 0);
