@@ -71,13 +71,13 @@
 #include <cstdint>
 
 #include "decode_common.h"
+#include "smem_matrix.h"
 #include "schedules.h"
 #include "wgmma.h"
 
 namespace jax_flashmla {
 namespace hopper {
 namespace {
-
 
 constexpr int kPageScores = kBlockN / 2;  // fp32 registers per thread for a 64 x 64 S
 constexpr int kPFragRegs = kBlockN / 4;   // 32-bit registers per thread for a 64 x 64 P
@@ -266,17 +266,6 @@ __device__ __forceinline__ uint32_t p_tile_row(uint32_t tile, int warp, int lane
   const int chunk = 2 * v + (matrix >> 1);
   return tile + (warp * 16 + (matrix & 1) * 8 + row_in_8) * 128 + ((chunk ^ row_in_8) << 4);
 }
-__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&a)[4]) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
-               "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3])
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&a)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-               : "r"(addr)
-               : "memory");
-}
 
 // Stores a packed P fragment (pack_p) into a P tile.
 __device__ __forceinline__ void store_p_tile(uint32_t tile, const uint32_t (&a)[kPFragRegs],
@@ -309,7 +298,7 @@ __device__ __forceinline__ void copy_scaled_p_tile(uint32_t from, uint32_t to,
   for (int v = 0; v < kPFragRegs / 4; ++v) {
     const uint32_t row = p_tile_row(from, warp, lane, v);
     uint32_t a[4];
-    ldmatrix_x4(row, a);
+    ldmatrix_x4(a, row);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const float2 pair = unpack2<kBf16>(a[r]);
