@@ -12,16 +12,10 @@
 namespace jax_flashmla {
 namespace hopper {
 
-// L2 policy "evict first": every cached token is read exactly once per decode call.
+// L2 policy "evict first": a cached token is read once per decode call and query tile.
 __device__ __forceinline__ uint64_t l2_policy_evict_first() {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
-__device__ __forceinline__ uint64_t l2_policy_evict_normal() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
 }
 
