@@ -7,8 +7,8 @@
 #   tools/gpu_check.sh LOGDIR [bench arguments...]
 #
 # Environment: TEST_FILES (default: the GPU suites), PORTABLE_LIMIT / HOPPER_LIMIT / BENCH_LIMIT
-# (seconds; 0 skips that test stage), HOPPER_SCHEDULES (default "split seesaw"), VARIANT_FLAGS (nvcc flags of the variant, e.g. "-DJFM_HOPPER_PV_N64"; unset: no
-# variant), VARIANT_KERNELS (implementations the variant's benchmark times; default hopper).
+# (seconds; 0 skips that test stage), HOPPER_SCHEDULES (default "split seesaw"), VARIANT_FLAGS (nvcc flags of the variant, space-separated, e.g. "-DJFM_HOPPER_PV_N64"; unset:
+# no variant; tools/ab.sh compares more than two), VARIANT_KERNELS (implementations the variant's benchmark times; default hopper).
 set -u
 logs=$(mkdir -p "${1:?usage: tools/gpu_check.sh LOGDIR [bench args]}" && cd "$1" && pwd)
 shift
@@ -64,7 +64,7 @@ fi
 if [ -n "${VARIANT_FLAGS:-}" ]; then
   echo "== build variant: $VARIANT_FLAGS"
   if (cd "$repo" && timeout 400 python3 -m pip install --no-build-isolation --no-deps \
-        --target /tmp/variant -C "cmake.define.JAX_FLASHMLA_EXTRA_CUDA_FLAGS=$VARIANT_FLAGS" . \
+        --target /tmp/variant -C "cmake.define.JAX_FLASHMLA_EXTRA_CUDA_FLAGS=${VARIANT_FLAGS// /;}" . \
         > "$logs/build-variant.log" 2>&1); then
     bench variant /tmp/variant "$@" --kernels ${VARIANT_KERNELS:-hopper} --no-reference
   else

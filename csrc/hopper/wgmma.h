@@ -141,29 +141,43 @@ __device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
 // ---- instruction wrappers: one macro per instruction form, instantiated per shape and for bf16
 // and f16 (PTX has no type parameter, so the type is pasted into the instruction string) ----
 
-// D(64xN, fp32) (+)= A(64x16, smem, K-major) * B(16xN, smem, K-major); scale_d == 0: D = A*B.
+// D(64xN, fp32) (+)= A(64x16, smem, K-major) * B(16xN, smem); scale_d == 0: D = A*B. B is K-major
+// (TRANS_B 0, functions wgmma_m64nNk16_ss_TYPE) or MN-major (TRANS_B 1, ..._ss_mn_TYPE).
 // The N / 2 accumulators are operands %0.. (REGS names them, OPS binds them); desc_a, desc_b and
 // scale_d follow as operands A_OP, A_OP + 1 and A_OP + 2 (spelled out: the preprocessor cannot
 // add).
-#define JFM_DEFINE_WGMMA_M64NK16_SS(N, REGS, OPS, A_OP, B_OP, SCALE_OP, TYPE)                  \
-__device__ __forceinline__ void wgmma_m64n##N##k16_ss_##TYPE(float (&d)[N / 2],                \
-                                                             uint64_t desc_a, uint64_t desc_b, \
-                                                             int scale_d) {                    \
+#define JFM_DEFINE_WGMMA_M64NK16_SS(N, REGS, OPS, A_OP, B_OP, SCALE_OP, TRANS_B, NAME, TYPE)   \
+__device__ __forceinline__ void wgmma_m64n##N##k16_##NAME##_##TYPE(float (&d)[N / 2],          \
+                                                                  uint64_t desc_a,             \
+                                                                  uint64_t desc_b,             \
+                                                                  int scale_d) {               \
   asm volatile(                                                                                \
       "{\n"                                                                                    \
       ".reg .pred p;\n"                                                                        \
       "setp.ne.b32 p, %" #SCALE_OP ", 0;\n"                                                    \
       "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #TYPE "." #TYPE " "                    \
       REGS ", "                                                                                \
-      "%" #A_OP ", %" #B_OP ", p, 1, 1, 0, 0;\n"                                               \
+      "%" #A_OP ", %" #B_OP ", p, 1, 1, 0, " #TRANS_B ";\n"                                    \
       "}\n"                                                                                    \
       : OPS                                                                                    \
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                               \
 }
-JFM_DEFINE_WGMMA_M64NK16_SS(32, JFM_WGMMA_D16_REGISTERS, JFM_WGMMA_D16_OPERANDS, 16, 17, 18, bf16)
-JFM_DEFINE_WGMMA_M64NK16_SS(32, JFM_WGMMA_D16_REGISTERS, JFM_WGMMA_D16_OPERANDS, 16, 17, 18, f16)
-JFM_DEFINE_WGMMA_M64NK16_SS(64, JFM_WGMMA_D32_REGISTERS, JFM_WGMMA_D32_OPERANDS, 32, 33, 34, bf16)
-JFM_DEFINE_WGMMA_M64NK16_SS(64, JFM_WGMMA_D32_REGISTERS, JFM_WGMMA_D32_OPERANDS, 32, 33, 34, f16)
+JFM_DEFINE_WGMMA_M64NK16_SS(32, JFM_WGMMA_D16_REGISTERS, JFM_WGMMA_D16_OPERANDS, 16, 17, 18, 0, ss,
+                            bf16)
+JFM_DEFINE_WGMMA_M64NK16_SS(32, JFM_WGMMA_D16_REGISTERS, JFM_WGMMA_D16_OPERANDS, 16, 17, 18, 0, ss,
+                            f16)
+JFM_DEFINE_WGMMA_M64NK16_SS(64, JFM_WGMMA_D32_REGISTERS, JFM_WGMMA_D32_OPERANDS, 32, 33, 34, 0, ss,
+                            bf16)
+JFM_DEFINE_WGMMA_M64NK16_SS(64, JFM_WGMMA_D32_REGISTERS, JFM_WGMMA_D32_OPERANDS, 32, 33, 34, 0, ss,
+                            f16)
+JFM_DEFINE_WGMMA_M64NK16_SS(64, JFM_WGMMA_D32_REGISTERS, JFM_WGMMA_D32_OPERANDS, 32, 33, 34, 1,
+                            ss_mn, bf16)
+JFM_DEFINE_WGMMA_M64NK16_SS(64, JFM_WGMMA_D32_REGISTERS, JFM_WGMMA_D32_OPERANDS, 32, 33, 34, 1,
+                            ss_mn, f16)
+JFM_DEFINE_WGMMA_M64NK16_SS(256, JFM_WGMMA_D128_REGISTERS, JFM_WGMMA_D128_OPERANDS, 128, 129, 130,
+                            1, ss_mn, bf16)
+JFM_DEFINE_WGMMA_M64NK16_SS(256, JFM_WGMMA_D128_REGISTERS, JFM_WGMMA_D128_OPERANDS, 128, 129, 130,
+                            1, ss_mn, f16)
 #undef JFM_DEFINE_WGMMA_M64NK16_SS
 
 // D(64x256, fp32) += A(64x16, registers: the 4 x 32-bit A fragment) * B(16x256, smem, MN-major:
@@ -189,33 +203,6 @@ JFM_DEFINE_WGMMA_M64N256K16_RS_MN(bf16)
 JFM_DEFINE_WGMMA_M64N256K16_RS_MN(f16)
 #undef JFM_DEFINE_WGMMA_M64N256K16_RS_MN
 
-// D(64xN, fp32) += A(64x16, smem, K-major) * B(16xN, smem, MN-major: imm-trans-b = 1). Operands
-// as in JFM_DEFINE_WGMMA_M64NK16_SS; the accumulate predicate is the constant operand ONE_OP.
-#define JFM_DEFINE_WGMMA_M64NK16_SS_MN(N, REGS, OPS, A_OP, B_OP, ONE_OP, TYPE)                   \
-__device__ __forceinline__ void wgmma_m64n##N##k16_ss_mn_##TYPE(float (&d)[N / 2],               \
-                                                                uint64_t desc_a,                 \
-                                                                uint64_t desc_b) {               \
-  asm volatile(                                                                                  \
-      "{\n"                                                                                      \
-      ".reg .pred p;\n"                                                                          \
-      "setp.ne.b32 p, %" #ONE_OP ", 0;\n"                                                        \
-      "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #TYPE "." #TYPE " "                      \
-      REGS ", "                                                                                  \
-      "%" #A_OP ", %" #B_OP ", p, 1, 1, 0, 1;\n"                                                 \
-      "}\n"                                                                                      \
-      : OPS                                                                                      \
-      : "l"(desc_a), "l"(desc_b), "r"(1));                                                       \
-}
-JFM_DEFINE_WGMMA_M64NK16_SS_MN(256, JFM_WGMMA_D128_REGISTERS, JFM_WGMMA_D128_OPERANDS, 128, 129,
-                               130, bf16)
-JFM_DEFINE_WGMMA_M64NK16_SS_MN(256, JFM_WGMMA_D128_REGISTERS, JFM_WGMMA_D128_OPERANDS, 128, 129,
-                               130, f16)
-JFM_DEFINE_WGMMA_M64NK16_SS_MN(64, JFM_WGMMA_D32_REGISTERS, JFM_WGMMA_D32_OPERANDS, 32, 33, 34,
-                               bf16)
-JFM_DEFINE_WGMMA_M64NK16_SS_MN(64, JFM_WGMMA_D32_REGISTERS, JFM_WGMMA_D32_OPERANDS, 32, 33, 34,
-                               f16)
-#undef JFM_DEFINE_WGMMA_M64NK16_SS_MN
-
 // dtype dispatch: kBf16 selects .bf16 inputs, otherwise .f16.
 template <bool kBf16>
 struct Wgmma;
@@ -240,10 +227,10 @@ struct Wgmma;
     }                                                                                            \
     /* O += P V, P in smem (K-major) */                                                          \
     static __device__ __forceinline__ void pv256_ss(float (&d)[128], uint64_t a, uint64_t b) {   \
-      wgmma_m64n256k16_ss_mn_##DT(d, a, b);                                                      \
+      wgmma_m64n256k16_ss_mn_##DT(d, a, b, 1);                                                   \
     }                                                                                            \
     static __device__ __forceinline__ void pv64_ss(float (&d)[32], uint64_t a, uint64_t b) {     \
-      wgmma_m64n64k16_ss_mn_##DT(d, a, b);                                                       \
+      wgmma_m64n64k16_ss_mn_##DT(d, a, b, 1);                                                    \
     }                                                                                            \
   };
 
