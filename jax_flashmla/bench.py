@@ -141,7 +141,18 @@ def device_time_per_call(op, lengths, shared, rotating, calls: int, repeats: int
                             (lengths, shared, rotating), calls, repeats)
 
 
-def _decode_fn(implementation: str):
+def calibrated_time_per_call(op, lengths, shared, rotating, max_calls: int = 400,
+                             repeats: int = 5) -> float:
+    """device_time_per_call with the number of calls chosen from a rough first timing: about 20 ms
+    of calls per program (at least 5, at most max_calls), so that the 2N - N difference stands well
+    above the timer's noise."""
+    rough = device_time_per_call(op, lengths, shared, rotating, 2, repeats=1)
+    calls = int(min(max(20e-3 / rough, 5), max_calls))
+    return device_time_per_call(op, lengths, shared, rotating, calls, repeats)
+
+
+def decode_fn(implementation: str):
+    """One decode call of `implementation`, as timed by this module (causal, metadata given)."""
     def decode(lengths, metadata, splits, q, k_cache, table):
         return jax_flashmla.flash_mla_with_kvcache(q, k_cache, table, lengths, HEAD_DIM_V,
                                                    metadata, splits, causal=True,
@@ -182,8 +193,8 @@ def measure(shape: Shape, implementations: list[str], with_reference: bool, seed
     reference_out = None
     if with_reference:
         try:
-            reference_out = jax.jit(_decode_fn("reference"))(lengths, *shared, *problem.copies[0])
-            row["xla_ms"] = device_time_per_call(_decode_fn("reference"), lengths, shared,
+            reference_out = jax.jit(decode_fn("reference"))(lengths, *shared, *problem.copies[0])
+            row["xla_ms"] = device_time_per_call(decode_fn("reference"), lengths, shared,
                                                  problem.copies, min(3, max_calls),
                                                  repeats) * 1e3
         except Exception as error:  # noqa: BLE001 - the XLA baseline may not fit in memory
@@ -193,15 +204,12 @@ def measure(shape: Shape, implementations: list[str], with_reference: bool, seed
     if "hopper" in implementations:  # which of the Hopper kernel's two schedules ran (h_kv = 1)
         row["hopper_schedule"] = hopper_schedule(shape.batch, shape.seqlen_q * shape.heads_q)
     for name in implementations:
-        out = jax.jit(_decode_fn(name))(lengths, *shared, *problem.copies[0])
+        out = jax.jit(decode_fn(name))(lengths, *shared, *problem.copies[0])
         if reference_out is not None:
             row[f"{name}_max_abs_err_out"] = max_abs_error(out[0], reference_out[0])
             row[f"{name}_max_abs_err_lse"] = max_abs_error(out[1], reference_out[1])
-        rough = device_time_per_call(_decode_fn(name), lengths, shared, problem.copies, 2,
-                                     repeats=1)
-        calls = int(min(max(20e-3 / rough, 5), max_calls))
-        seconds = device_time_per_call(_decode_fn(name), lengths, shared, problem.copies, calls,
-                                       repeats)
+        seconds = calibrated_time_per_call(decode_fn(name), lengths, shared, problem.copies,
+                                           max_calls, repeats)
         row[f"{name}_ms"] = seconds * 1e3
         row[f"{name}_gbps"] = bytes_moved(shape, problem.total_tokens) / seconds / 1e9
         row[f"{name}_tflops"] = flops(shape, problem.total_tokens) / seconds / 1e12

@@ -42,12 +42,19 @@ build_of() {  # flag set -> build index (empty if not built)
 for f in "${flags[@]}"; do
   [ -n "$(build_of "$f")" ] || builds+=("$f")
 done
-for b in "${!builds[@]}"; do
-  (cd "$repo" && timeout 600 python3 -m pip install --no-build-isolation --no-deps --no-compile \
-      --target "/tmp/ab-build-$b/site" -C "cmake.define.JAX_FLASHMLA_EXTRA_CUDA_FLAGS=${builds[$b]}" \
-      -C "build-dir=/tmp/ab-build-$b/cmake" . > "$logs/build-$b.log" 2>&1 \
-    && echo "built $b: '${builds[$b]}'" || { echo "build $b failed"; tail -30 "$logs/build-$b.log"; }) &
-done
+build() {  # build index
+  local b=$1
+  if (cd "$repo" && timeout 600 python3 -m pip install --no-build-isolation --no-deps \
+        --no-compile --target "/tmp/ab-build-$b/site" -C "build-dir=/tmp/ab-build-$b/cmake" \
+        -C "cmake.define.JAX_FLASHMLA_EXTRA_CUDA_FLAGS=${builds[$b]}" . > "$logs/build-$b.log" 2>&1)
+  then
+    echo "built $b: '${builds[$b]}'"
+  else
+    echo "build $b failed"
+    tail -30 "$logs/build-$b.log"
+  fi
+}
+for b in "${!builds[@]}"; do build "$b" & done
 wait
 
 cd /tmp || exit 1
@@ -76,6 +83,7 @@ for i, _ in enumerate(variants):
 print("| b | s_k | h_q | s_q | " + " | ".join(f"'{v}' ms" for v in variants) + " |")
 print("|---|---|---|---|" + "---|" * len(variants))
 for key in sorted(table):
-    cells = [" / ".join(f"{t:.4f}" for t in table[key].get(i, [])) or "—" for i in range(len(variants))]
+    cells = [" / ".join(f"{t:.4f}" for t in table[key].get(i, [])) or "—"
+             for i in range(len(variants))]
     print("| " + " | ".join(map(str, key)) + " | " + " | ".join(cells) + " |")
 EOF

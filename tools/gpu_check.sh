@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session's work in one go: build the extension, run the GPU test suites for each kernel
-# family, run the benchmark, and optionally build and benchmark a second variant of the kernels
-# (compile-time experiment switches) for an A/B comparison on the same card. Every stage has its
-# own time limit so a hang costs one stage, not the session. Logs go to the folder given as $1.
+# family, then the benchmark. Every stage has its own time limit so a hang costs one stage, not the
+# session. Logs go to the folder given as $1. (To compare variants of the kernels on the same
+# card, use tools/ab.sh.)
 #
 #   tools/gpu_check.sh LOGDIR [bench arguments...]
 #
 # Environment: TEST_FILES (default: the GPU suites), PORTABLE_LIMIT / HOPPER_LIMIT / BENCH_LIMIT
-# (seconds; 0 skips that test stage), HOPPER_SCHEDULES (default "split seesaw"), VARIANT_FLAGS (nvcc flags of the variant, space-separated, e.g. "-DJFM_HOPPER_PV_N64"; unset:
-# no variant; tools/ab.sh compares more than two), VARIANT_KERNELS (implementations the variant's benchmark times; default hopper).
+# (seconds; 0 skips that test stage), HOPPER_SCHEDULES (default "split seesaw").
 set -u
 logs=$(mkdir -p "${1:?usage: tools/gpu_check.sh LOGDIR [bench args]}" && cd "$1" && pwd)
 shift
@@ -48,26 +47,10 @@ done
 unset JAX_FLASHMLA_HOPPER_SCHEDULE
 run_tests portable "${PORTABLE_LIMIT:-400}" -m gpu -k "not hopper"
 
-bench() {  # name, python path, bench arguments...
-  local name=$1 path=$2
-  shift 2
-  echo "== bench ($name) $*"
-  PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" timeout "${BENCH_LIMIT:-300}" \
-    python3 -m jax_flashmla.bench --json "$logs/bench-$name.json" --markdown "$logs/bench-$name.md" \
-    "$@" > "$logs/bench-$name.log" 2>&1
-  echo "exit $?"
-  sed -n '/^| b /,$p' "$logs/bench-$name.log"
-}
 if [ "$#" -gt 0 ]; then
-  bench main "" "$@"
-fi
-if [ -n "${VARIANT_FLAGS:-}" ]; then
-  echo "== build variant: $VARIANT_FLAGS"
-  if (cd "$repo" && timeout 400 python3 -m pip install --no-build-isolation --no-deps \
-        --target /tmp/variant -C "cmake.define.JAX_FLASHMLA_EXTRA_CUDA_FLAGS=${VARIANT_FLAGS// /;}" . \
-        > "$logs/build-variant.log" 2>&1); then
-    bench variant /tmp/variant "$@" --kernels ${VARIANT_KERNELS:-hopper} --no-reference
-  else
-    tail -20 "$logs/build-variant.log"
-  fi
+  echo "== bench $*"
+  timeout "${BENCH_LIMIT:-300}" python3 -m jax_flashmla.bench --json "$logs/bench.json" \
+    --markdown "$logs/bench.md" "$@" > "$logs/bench.log" 2>&1
+  echo "exit $?"
+  sed -n '/^| b /,$p' "$logs/bench.log"
 fi

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 
 import jax
-import jax.numpy as jnp
 
 import jax_flashmla
 from jax_flashmla import bench
@@ -37,20 +36,16 @@ def main() -> None:
                 problem = bench.make_problem(shape)
                 metadata = jax.jit(jax_flashmla.get_mla_metadata, static_argnums=(1, 2))(
                     problem.cache_seqlens, seqlen_q * heads, 1)
-                decode = bench._decode_fn("hopper")
                 times = []
                 for fold in (False, True):
                     copies = [(q, k_cache, table % args.resident_pages if fold else table)
                               for q, k_cache, table in problem.copies]
-                    rough = bench.device_time_per_call(decode, problem.cache_seqlens, metadata,
-                                                       copies, 2, repeats=1)
-                    calls = int(min(max(20e-3 / rough, 5), 400))
-                    times.append(bench.device_time_per_call(
-                        decode, problem.cache_seqlens, metadata, copies, calls) * 1e3)
+                    seconds = bench.calibrated_time_per_call(
+                        bench.decode_fn("hopper"), problem.cache_seqlens, metadata, copies)
+                    times.append(seconds * 1e3)
                 print(f"| {args.batch} | {seqlen} | {heads} | {seqlen_q} | {times[0]:.4f} | "
                       f"{times[1]:.4f} | {times[1] / times[0]:.2f} |", flush=True)
-                del problem
-                jnp.zeros(()).block_until_ready()
+                del problem  # free this shape's pools before the next one's
 
 
 if __name__ == "__main__":
