@@ -5,11 +5,16 @@
 // lse = m + log(sum w), out = sum (w_i / sum w) * O_i. Unsplit sequences were written by the main
 // kernel and are skipped here.
 //
-// Work shape. One warp covers a row's 512 columns (16 per lane, float4 loads). A large batch
-// has many rows and few pieces per split sequence (2-3), so a block's 8 warps take 8 rows, one
-// each. A small batch has few rows and many pieces (b = 1: one per partition, ~132), so the host
-// gives each block a single row and its 8 warps take every eighth piece each, then add their
-// partial sums through shared memory: 8 times the loads in flight for that row.
+// Work shape, by the number of rows in the launch (batch x h_kv x rows per KV head):
+//  * many (>= 2048: a large batch, few pieces per split sequence, 2-3): a block's 8 warps take 8
+//    rows, one each, a warp covering its row's 512 columns (16 per lane, float4 loads);
+//  * fewer: a small batch, many pieces (b = 1: one per partition, ~132). A block takes one row
+//    and its 8 warps take every eighth piece, adding their partial sums through shared memory;
+//  * very few (< 128, e.g. b = 1 with h_q 16): a block takes a quarter of a row's columns (one
+//    float4 per lane and piece), so that the launch still has a block per SM or so. The combine is
+//    latency-bound there: 16 blocks reading whole rows took 2 us longer than 64 quarter-row
+//    blocks at b = 1, h_q 16; with 128 rows or more the quarters measured no faster, and 3%
+//    slower at b = 8, h_q 128 (each block recomputes its row's lse statistics).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -23,12 +28,10 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarpSize;
-constexpr int kColumnsPerLane = kHeadDimV / kWarpSize;  // 16
-constexpr int kVectorWidth = 4;                         // float4 loads of the partial outputs
-constexpr int kVectorsPerLane = kColumnsPerLane / kVectorWidth;
-static_assert(kColumnsPerLane % kVectorWidth == 0, "lanes read whole float4 vectors");
-// Below this many rows in the whole launch (batch x h_kv x rows), one row per block.
-constexpr int64_t kManyRows = 2048;
+constexpr int kVectorWidth = 4;  // float4 loads of the partial outputs
+constexpr int64_t kManyRows = 2048;  // from here on, a row per warp
+constexpr int64_t kFewRows = 128;    // below this, a block per quarter row
+constexpr int kFewRowsColumnParts = 4;
 
 template <typename T>
 __device__ T from_float(float value);
@@ -51,17 +54,23 @@ __device__ float warp_sum(float value) {
   return value;
 }
 
-// rows_per_block is 1 (the 8 warps share the row's pieces) or kWarps (a row per warp).
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-combine_kernel(const MlaDecodeParams params, int rows_per_block) {
-  __shared__ float partial_sums[kWarps][kHeadDimV];
+// A block takes kRowsPerBlock rows (kWarps: a row per warp; 1: the warps share the row's pieces)
+// and 1 / kColumnParts of their columns: blockIdx.x = row block * kColumnParts + column part.
+template <typename T, int kRowsPerBlock, int kColumnParts>
+__global__ void __launch_bounds__(kThreads) combine_kernel(const MlaDecodeParams params) {
+  constexpr int kColumns = kHeadDimV / kColumnParts;  // this block's columns of a row
+  constexpr int kColumnsPerLane = kColumns / kWarpSize;
+  constexpr int kVectorsPerLane = kColumnsPerLane / kVectorWidth;
+  static_assert(kColumnsPerLane % kVectorWidth == 0, "lanes read whole float4 vectors");
+  static_assert(kWarps % kRowsPerBlock == 0, "a row's warps are in one block");
+  constexpr int kWarpsPerRow = kWarps / kRowsPerBlock;
+  __shared__ float partial_sums[kWarps][kColumns];
 
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  const int warps_per_row = kWarps / rows_per_block;
-  const int row = blockIdx.x * rows_per_block + warp / warps_per_row;
-  const int piece_group = warp % warps_per_row;
+  const int row = blockIdx.x / kColumnParts * kRowsPerBlock + warp / kWarpsPerRow;
+  const int first_column = blockIdx.x % kColumnParts * kColumns;
+  const int piece_group = warp % kWarpsPerRow;
   const int kv_head = blockIdx.y;
   const int seq = blockIdx.z;
 
@@ -75,7 +84,7 @@ combine_kernel(const MlaDecodeParams params, int rows_per_block) {
   const int head = kv_head * params.heads_per_kv + row % params.heads_per_kv;
   const int64_t out_row =
       (static_cast<int64_t>(seq) * params.seqlen_q + query_token) * params.num_heads_q + head;
-  T* out = static_cast<T*>(params.out) + out_row * kHeadDimV;
+  T* out = static_cast<T*>(params.out) + out_row * kHeadDimV + first_column;
   float* lse = params.lse +
                (static_cast<int64_t>(seq) * params.num_heads_q + head) * params.seqlen_q +
                query_token;
@@ -118,13 +127,13 @@ combine_kernel(const MlaDecodeParams params, int rows_per_block) {
     row_lse = max_lse + logf(weight_sum);
 
     for (int i = 0; i < kColumnsPerLane; ++i) result[i] = 0.0f;
-    // This warp's pieces: piece_group, + warps_per_row, ... Unrolled so that several pieces'
+    // This warp's pieces: piece_group, + kWarpsPerRow, ... Unrolled so that several pieces'
     // loads are in flight before the first multiply-add needs them.
 #pragma unroll 4
-    for (int piece = piece_group; piece < num_pieces; piece += warps_per_row) {
+    for (int piece = piece_group; piece < num_pieces; piece += kWarpsPerRow) {
       const int64_t slot = slot_row(piece);
       const float weight = expf(params.lse_accum[slot] - max_lse) * inv_sum;
-      const float* partial = params.o_accum + slot * kHeadDimV;
+      const float* partial = params.o_accum + slot * kHeadDimV + first_column;
       // Lane l owns columns [l*4, l*4+4) of each 128-column stripe: coalesced float4 loads.
 #pragma unroll
       for (int v = 0; v < kVectorsPerLane; ++v) {
@@ -138,7 +147,7 @@ combine_kernel(const MlaDecodeParams params, int rows_per_block) {
     }
   }
 
-  if (warps_per_row > 1) {  // uniform: one row per block; add the 8 warps' sums
+  if constexpr (kWarpsPerRow > 1) {  // one row per block: add the 8 warps' sums
 #pragma unroll
     for (int v = 0; v < kVectorsPerLane; ++v) {
       *reinterpret_cast<float4*>(&partial_sums[warp][(v * kWarpSize + lane) * kVectorWidth]) =
@@ -146,22 +155,36 @@ combine_kernel(const MlaDecodeParams params, int rows_per_block) {
                       result[v * kVectorWidth + 2], result[v * kVectorWidth + 3]);
     }
     __syncthreads();
-    for (int col = threadIdx.x; col < kHeadDimV; col += kThreads) {
+    for (int col = threadIdx.x; col < kColumns; col += kThreads) {
       float total = 0.0f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) total += partial_sums[w][col];
       out[col] = from_float<T>(total);
     }
-    if (threadIdx.x == 0) *lse = row_lse;
-    return;
-  }
-
-  for (int v = 0; v < kVectorsPerLane; ++v) {
-    for (int j = 0; j < kVectorWidth; ++j) {
-      out[(v * kWarpSize + lane) * kVectorWidth + j] = from_float<T>(result[v * kVectorWidth + j]);
+    if (threadIdx.x == 0 && first_column == 0) *lse = row_lse;
+  } else {
+    for (int v = 0; v < kVectorsPerLane; ++v) {
+      for (int j = 0; j < kVectorWidth; ++j) {
+        out[(v * kWarpSize + lane) * kVectorWidth + j] =
+            from_float<T>(result[v * kVectorWidth + j]);
+      }
     }
+    if (lane == 0) *lse = row_lse;
   }
-  if (lane == 0) *lse = row_lse;
+}
+
+template <typename T>
+void launch_combine_kernel(const MlaDecodeParams& params, int64_t rows, cudaStream_t stream) {
+  if (rows >= kManyRows) {
+    const dim3 grid((params.rows_per_kv + kWarps - 1) / kWarps, params.num_heads_kv, params.batch);
+    combine_kernel<T, kWarps, 1><<<grid, kThreads, 0, stream>>>(params);
+  } else if (rows >= kFewRows) {
+    const dim3 grid(params.rows_per_kv, params.num_heads_kv, params.batch);
+    combine_kernel<T, 1, 1><<<grid, kThreads, 0, stream>>>(params);
+  } else {
+    const dim3 grid(params.rows_per_kv * kFewRowsColumnParts, params.num_heads_kv, params.batch);
+    combine_kernel<T, 1, kFewRowsColumnParts><<<grid, kThreads, 0, stream>>>(params);
+  }
 }
 
 }  // namespace
@@ -169,13 +192,10 @@ combine_kernel(const MlaDecodeParams params, int rows_per_block) {
 cudaError_t launch_combine(const MlaDecodeParams& params, cudaStream_t stream) {
   const int64_t rows =
       static_cast<int64_t>(params.batch) * params.num_heads_kv * params.rows_per_kv;
-  const int rows_per_block = rows >= kManyRows ? kWarps : 1;
-  const dim3 grid((params.rows_per_kv + rows_per_block - 1) / rows_per_block, params.num_heads_kv,
-                  params.batch);
   if (params.dtype == ElementType::kBFloat16) {
-    combine_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(params, rows_per_block);
+    launch_combine_kernel<__nv_bfloat16>(params, rows, stream);
   } else {
-    combine_kernel<__half><<<grid, kThreads, 0, stream>>>(params, rows_per_block);
+    launch_combine_kernel<__half>(params, rows, stream);
   }
   return cudaGetLastError();
 }

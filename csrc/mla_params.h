@@ -114,8 +114,11 @@ cudaError_t launch_decode_portable(const MlaDecodeParams& params, cudaStream_t s
 bool hopper_kernel_available();
 cudaError_t launch_decode_hopper(const MlaDecodeParams& params, cudaStream_t stream);
 // The schedule ("split" or "seesaw", csrc/hopper/schedules.h) the Hopper kernel would use for a
-// batch of `batch` sequences with `rows_per_kv` query rows per KV head, environment included.
-const char* hopper_schedule_name(int batch, int rows_per_kv);
+// batch of `batch` sequences with `rows_per_kv` query rows per KV head, a block table of
+// `max_pages_per_seq` columns, a pool of `num_pages` pages and `num_sm_parts` scheduler
+// partitions, environment included.
+const char* hopper_schedule_name(int batch, int rows_per_kv, int max_pages_per_seq, int num_pages,
+                                 int num_sm_parts);
 
 // Merges the pieces of split sequences into out / lse; a no-op for unsplit ones.
 cudaError_t launch_combine(const MlaDecodeParams& params, cudaStream_t stream);

@@ -12,7 +12,8 @@ extern "C" XLA_FFI_Error* JaxFlashMlaDecodeV1(XLA_FFI_CallFrame* call_frame);
 
 namespace jax_flashmla {
 bool hopper_kernel_available();
-const char* hopper_schedule_name(int batch, int rows_per_kv);
+const char* hopper_schedule_name(int batch, int rows_per_kv, int max_pages_per_seq, int num_pages,
+                                 int num_sm_parts);
 }
 
 namespace {
@@ -35,6 +36,7 @@ NB_MODULE(_jax_flashmla_cuda, m) {
   m.def("ffi_api_version", []() { return nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });
   m.def("hopper_kernel_available", &jax_flashmla::hopper_kernel_available);
   m.def("hopper_schedule", &jax_flashmla::hopper_schedule_name, nb::arg("batch"),
-        nb::arg("rows_per_kv"));
+        nb::arg("rows_per_kv"), nb::arg("max_pages_per_seq"), nb::arg("num_pages"),
+        nb::arg("num_sm_parts"));
   m.attr("built_with_jaxlib") = JAX_FLASHMLA_BUILT_WITH_JAXLIB;
 }

@@ -60,18 +60,22 @@ def hopper_kernel_available() -> bool:
 SCHEDULE_VARIABLE = "JAX_FLASHMLA_HOPPER_SCHEDULE"
 
 
-def hopper_schedule(batch: int, rows_per_kv: int) -> str | None:
-    """The schedule the Hopper kernel picks for this batch size and number of query rows per KV
-    head (s_q * h_q / h_kv): "split" or "seesaw", after any JAX_FLASHMLA_HOPPER_SCHEDULE
-    override; None without the Hopper kernel. Warns about a value of that variable the kernel
-    ignores."""
+def hopper_schedule(batch: int, rows_per_kv: int, max_pages_per_seq: int, num_pages: int,
+                    num_sm_parts: int) -> str | None:
+    """The schedule the Hopper kernel picks for a call: "split" or "seesaw", after any
+    JAX_FLASHMLA_HOPPER_SCHEDULE override; None without the Hopper kernel.
+
+    The call is described by its batch size, query rows per KV head (s_q * h_q / h_kv), the block
+    table's second dimension, the pool's page count and the scheduler metadata's partition count
+    (``metadata.shape[0]``). Warns about a value of that variable the kernel ignores."""
     if not hopper_kernel_available():
         return None
     forced = os.environ.get(SCHEDULE_VARIABLE)
     if forced is not None and forced not in ("split", "seesaw"):
         warnings.warn(f"{SCHEDULE_VARIABLE}={forced!r} is ignored: the Hopper kernel takes "
                       "'split' or 'seesaw' and otherwise chooses by shape", stacklevel=2)
-    return str(_cuda.hopper_schedule(batch, rows_per_kv))
+    return str(_cuda.hopper_schedule(batch, rows_per_kv, max_pages_per_seq, num_pages,
+                                     num_sm_parts))
 
 
 def missing_extension_message() -> str:

@@ -202,7 +202,10 @@ def measure(shape: Shape, implementations: list[str], with_reference: bool, seed
                 raise
             reference_out, row["xla_ms"] = None, None
     if "hopper" in implementations:  # which of the Hopper kernel's two schedules ran (h_kv = 1)
-        row["hopper_schedule"] = hopper_schedule(shape.batch, shape.seqlen_q * shape.heads_q)
+        _, k_cache, table = problem.copies[0]
+        row["hopper_schedule"] = hopper_schedule(shape.batch, shape.seqlen_q * shape.heads_q,
+                                                 table.shape[1], k_cache.shape[0],
+                                                 metadata.shape[0])
     for name in implementations:
         out = jax.jit(decode_fn(name))(lengths, *shared, *problem.copies[0])
         if reference_out is not None:

@@ -2,6 +2,8 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -19,23 +21,33 @@ Schedule choose_schedule(const MlaDecodeParams& params) {
     if (std::strcmp(forced, "seesaw") == 0) return Schedule::kSeesaw;
   }
   // Several 64-row tiles per KV head means compute-bound work (h_q * s_q >= 128 for h_kv = 1):
-  // there the overlap of softmax and tensor-core work pays (7-10% at b = 128 on the H100); one
-  // tile is memory-bound and both schedules tie. With a few sequences each CTA walks only a few
-  // pages and the pairing costs more than it saves: at b <= 8 split S measured as fast or up to
-  // 8% faster, at b = 32 the seesaw 6% faster (docs/kernel-notes.md).
-  constexpr int kSeesawMinBatch = 9;
-  return params.rows_per_kv > kBlockM && params.batch >= kSeesawMinBatch ? Schedule::kSeesaw
-                                                                         : Schedule::kSplitScores;
+  // there the overlap of softmax and tensor-core work pays, 5-15% once each CTA walks a few pages
+  // (b = 1..8 long contexts up to b = 128); one tile is memory-bound and both schedules tie. With
+  // about one page per partition the pairing costs more than it saves (b = 1, s_k 4096, h_q 128:
+  // split S 10% faster); at four to eight they tie (docs/kernel-notes.md). The lengths are on the
+  // device, so the pages a partition walks are bounded by the block table's capacity and the
+  // pool's size.
+  constexpr int64_t kSeesawMinPagesPerPartition = 4;
+  const int64_t pages = std::min(static_cast<int64_t>(params.batch) * params.max_pages_per_seq,
+                                 static_cast<int64_t>(params.num_pages));
+  return params.rows_per_kv > kBlockM &&
+                 pages >= kSeesawMinPagesPerPartition * static_cast<int64_t>(params.num_sm_parts)
+             ? Schedule::kSeesaw
+             : Schedule::kSplitScores;
 }
 
 }  // namespace hopper
 
 bool hopper_kernel_available() { return true; }
 
-const char* hopper_schedule_name(int batch, int rows_per_kv) {
+const char* hopper_schedule_name(int batch, int rows_per_kv, int max_pages_per_seq, int num_pages,
+                                 int num_sm_parts) {
   MlaDecodeParams params{};
   params.batch = batch;
   params.rows_per_kv = rows_per_kv;
+  params.max_pages_per_seq = max_pages_per_seq;
+  params.num_pages = num_pages;
+  params.num_sm_parts = num_sm_parts;
   return hopper::choose_schedule(params) == hopper::Schedule::kSeesaw ? "seesaw" : "split";
 }
 
