@@ -21,12 +21,12 @@ Schedule choose_schedule(const MlaDecodeParams& params) {
     if (std::strcmp(forced, "seesaw") == 0) return Schedule::kSeesaw;
   }
   // Several 64-row tiles per KV head means compute-bound work (h_q * s_q >= 128 for h_kv = 1):
-  // there the overlap of softmax and tensor-core work pays, 5-15% once each CTA walks a few pages
-  // (b = 1..8 long contexts up to b = 128); one tile is memory-bound and both schedules tie. With
-  // about one page per partition the pairing costs more than it saves (b = 1, s_k 4096, h_q 128:
-  // split S 10% faster); at four to eight they tie (docs/kernel-notes.md). The lengths are on the
-  // device, so the pages a partition walks are bounded by the block table's capacity and the
-  // pool's size.
+  // there the overlap of softmax and tensor-core work pays, 5-15% once each CTA walks more than a
+  // few pages (b = 1..8 with long contexts, and b = 128); one tile is memory-bound and both
+  // schedules tie. Below about four pages per partition the two are within noise of each other
+  // (b = 1, s_k 4096, h_q 128 came out 10% apart, either way, in two runs), and split S stays
+  // (tools/schedule_crossover.py, docs/kernel-notes.md). The lengths are on the device, so the
+  // pages a partition walks are bounded by the block table's capacity and the pool's size.
   constexpr int64_t kSeesawMinPagesPerPartition = 4;
   const int64_t pages = std::min(static_cast<int64_t>(params.batch) * params.max_pages_per_seq,
                                  static_cast<int64_t>(params.num_pages));
