@@ -10,11 +10,11 @@
 //    rows, one each, a warp covering its row's 512 columns (16 per lane, float4 loads);
 //  * fewer: a small batch, many pieces (b = 1: one per partition, ~132). A block takes one row
 //    and its 8 warps take every eighth piece, adding their partial sums through shared memory;
-//  * very few (< 128, e.g. b = 1 with h_q 16): a block takes a quarter of a row's columns (one
-//    float4 per lane and piece), so that the launch still has a block per SM or so. The combine is
-//    latency-bound there: 16 blocks reading whole rows took 2 us longer than 64 quarter-row
-//    blocks at b = 1, h_q 16; with 128 rows or more the quarters measured no faster, and 3%
-//    slower at b = 8, h_q 128 (each block recomputes its row's lse statistics).
+//  * very few (< 128, e.g. b = 1 with h_q 16): combine_pieces_kernel, every piece of a row at
+//    once. The launch is latency-bound there, and walking the pieces costs a global round trip
+//    per few pieces: at b = 1, h_q 16 this shape took 2.3 us less per call than quarter rows
+//    walked by warps (s_k 32768) and 1 us less at s_k 4096. With 128 rows or more its grid is
+//    several waves (b = 8, h_q 128: twice the time of a block per row), so only here.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -30,8 +30,7 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kVectorWidth = 4;  // float4 loads of the partial outputs
 constexpr int64_t kManyRows = 2048;  // from here on, a row per warp
-constexpr int64_t kFewRows = 128;    // below this, a block per quarter row
-constexpr int kFewRowsColumnParts = 4;
+constexpr int64_t kFewRows = 128;    // below this, combine_pieces_kernel
 
 template <typename T>
 __device__ T from_float(float value);
@@ -54,11 +53,10 @@ __device__ float warp_sum(float value) {
   return value;
 }
 
-// A block takes kRowsPerBlock rows (kWarps: a row per warp; 1: the warps share the row's pieces)
-// and 1 / kColumnParts of their columns: blockIdx.x = row block * kColumnParts + column part.
-template <typename T, int kRowsPerBlock, int kColumnParts>
+// A block takes kRowsPerBlock rows (kWarps: a row per warp; 1: the warps share the row's pieces).
+template <typename T, int kRowsPerBlock>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const MlaDecodeParams params) {
-  constexpr int kColumns = kHeadDimV / kColumnParts;  // this block's columns of a row
+  constexpr int kColumns = kHeadDimV;
   constexpr int kColumnsPerLane = kColumns / kWarpSize;
   constexpr int kVectorsPerLane = kColumnsPerLane / kVectorWidth;
   static_assert(kColumnsPerLane % kVectorWidth == 0, "lanes read whole float4 vectors");
@@ -68,8 +66,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const MlaDecodeParams
 
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  const int row = blockIdx.x / kColumnParts * kRowsPerBlock + warp / kWarpsPerRow;
-  const int first_column = blockIdx.x % kColumnParts * kColumns;
+  const int row = blockIdx.x * kRowsPerBlock + warp / kWarpsPerRow;
   const int piece_group = warp % kWarpsPerRow;
   const int kv_head = blockIdx.y;
   const int seq = blockIdx.z;
@@ -84,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const MlaDecodeParams
   const int head = kv_head * params.heads_per_kv + row % params.heads_per_kv;
   const int64_t out_row =
       (static_cast<int64_t>(seq) * params.seqlen_q + query_token) * params.num_heads_q + head;
-  T* out = static_cast<T*>(params.out) + out_row * kHeadDimV + first_column;
+  T* out = static_cast<T*>(params.out) + out_row * kHeadDimV;
   float* lse = params.lse +
                (static_cast<int64_t>(seq) * params.num_heads_q + head) * params.seqlen_q +
                query_token;
@@ -133,7 +130,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const MlaDecodeParams
     for (int piece = piece_group; piece < num_pieces; piece += kWarpsPerRow) {
       const int64_t slot = slot_row(piece);
       const float weight = expf(params.lse_accum[slot] - max_lse) * inv_sum;
-      const float* partial = params.o_accum + slot * kHeadDimV + first_column;
+      const float* partial = params.o_accum + slot * kHeadDimV;
       // Lane l owns columns [l*4, l*4+4) of each 128-column stripe: coalesced float4 loads.
 #pragma unroll
       for (int v = 0; v < kVectorsPerLane; ++v) {
@@ -161,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const MlaDecodeParams
       for (int w = 0; w < kWarps; ++w) total += partial_sums[w][col];
       out[col] = from_float<T>(total);
     }
-    if (threadIdx.x == 0 && first_column == 0) *lse = row_lse;
+    if (threadIdx.x == 0) *lse = row_lse;
   } else {
     for (int v = 0; v < kVectorsPerLane; ++v) {
       for (int j = 0; j < kVectorWidth; ++j) {
@@ -173,17 +170,154 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const MlaDecodeParams
   }
 }
 
+// Block-wide reductions through `scratch` (kWarps floats); every thread gets the result.
+__device__ float block_max(float value, float* scratch) {
+  value = warp_max(value);
+  __syncthreads();  // scratch may still be read by the previous reduction
+  if (threadIdx.x % kWarpSize == 0) scratch[threadIdx.x / kWarpSize] = value;
+  __syncthreads();
+  float result = scratch[0];
+  for (int w = 1; w < kWarps; ++w) result = fmaxf(result, scratch[w]);
+  return result;
+}
+
+__device__ float block_sum(float value, float* scratch) {
+  value = warp_sum(value);
+  __syncthreads();
+  if (threadIdx.x % kWarpSize == 0) scratch[threadIdx.x / kWarpSize] = value;
+  __syncthreads();
+  float result = 0.0f;
+  for (int w = 0; w < kWarps; ++w) result += scratch[w];
+  return result;
+}
+
+// Few rows (a small batch), many pieces per row (b = 1: one per partition, ~132): latency-bound,
+// so every load a block needs is issued at once. A block takes kPiecesColumns columns of one row
+// and all of its pieces: thread (piece lane, vector) accumulates the float4 `vector` of pieces
+// piece lane, + kPieceLanes, ..., up to 256 pieces per pass (a sequence has at most one piece per
+// partition, so one pass in practice), all loads in flight together with the loads of the lse
+// the row's statistics need: one global round trip after the piece count, where a warp walking
+// its pieces in turn pays one per few pieces. 64 registers, so a 256-block grid (b = 1, h_q 16)
+// is one wave.
+constexpr int kPiecesColumns = 32;                               // a block's columns of its row
+constexpr int kPiecesColumnParts = kHeadDimV / kPiecesColumns;   // blocks per row: 16
+constexpr int kPiecesVectors = kPiecesColumns / kVectorWidth;    // float4 per piece: 8
+constexpr int kPieceLanes = kThreads / kPiecesVectors;           // pieces side by side: 32
+constexpr int kPiecesPerPass = kThreads;  // a pass's statistics take one lse per thread: 256
+constexpr int kPiecesPerThread = kPiecesPerPass / kPieceLanes;   // per pass, in registers: 8
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_pieces_kernel(const MlaDecodeParams params) {
+  __shared__ float scratch[kWarps];
+  __shared__ float4 lane_sums[kPieceLanes][kPiecesVectors];
+
+  const int row = blockIdx.x / kPiecesColumnParts;
+  const int first_column = blockIdx.x % kPiecesColumnParts * kPiecesColumns;
+  const int kv_head = blockIdx.y;
+  const int seq = blockIdx.z;
+  const int vector = threadIdx.x % kPiecesVectors;
+  const int piece_lane = threadIdx.x / kPiecesVectors;
+
+  const int first_slot = params.num_splits[seq];
+  const int num_pieces = params.num_splits[seq + 1] - first_slot;
+  if (num_pieces <= 1) return;  // written directly by the main kernel (uniform per block)
+
+  const int query_token = row / params.heads_per_kv;
+  const int head = kv_head * params.heads_per_kv + row % params.heads_per_kv;
+  const int64_t out_row =
+      (static_cast<int64_t>(seq) * params.seqlen_q + query_token) * params.num_heads_q + head;
+  T* out = static_cast<T*>(params.out) + out_row * kHeadDimV + first_column;
+  float* lse = params.lse +
+               (static_cast<int64_t>(seq) * params.num_heads_q + head) * params.seqlen_q +
+               query_token;
+  const bool slots_valid = first_slot >= 0 && first_slot + num_pieces <= params.num_slots;
+  auto slot_row = [&](int piece) {
+    return (static_cast<int64_t>(first_slot + piece) * params.num_heads_kv + kv_head) *
+               params.rows_per_kv + row;
+  };
+
+  // The row's statistics and its weighted sum, pass by pass (one pass up to 256 pieces). The sum
+  // is kept relative to the running maximum and rescaled when a later pass raises it.
+  float max_lse = -INFINITY;
+  float weight_sum = 0.0f;
+  bool any_nan = !slots_valid;
+  float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int pass = 0; slots_valid && pass * kPiecesPerPass < num_pieces; ++pass) {
+    const int first_piece = pass * kPiecesPerPass;
+    const int stats_piece = first_piece + threadIdx.x;
+    const float stats_lse =
+        stats_piece < num_pieces ? params.lse_accum[slot_row(stats_piece)] : -INFINITY;
+    float piece_lse[kPiecesPerThread];
+    float4 partial[kPiecesPerThread];
+#pragma unroll
+    for (int k = 0; k < kPiecesPerThread; ++k) {
+      const int piece = first_piece + piece_lane + k * kPieceLanes;
+      piece_lse[k] = -INFINITY;
+      partial[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (piece < num_pieces) {
+        const int64_t slot = slot_row(piece);
+        piece_lse[k] = params.lse_accum[slot];
+        partial[k] = *reinterpret_cast<const float4*>(params.o_accum + slot * kHeadDimV +
+                                                      first_column + vector * kVectorWidth);
+      }
+    }
+    any_nan = __syncthreads_or(any_nan || isnan(stats_lse));
+    if (any_nan) break;  // uniform: the row is NaN
+    const float pass_max = block_max(stats_lse, scratch);
+    const float new_max = fmaxf(max_lse, pass_max);
+    if (new_max == -INFINITY) continue;  // uniform: no piece so far saw a key
+    // Scale of what came before; exactly 0 before the first visible key.
+    const float carried = max_lse == -INFINITY ? 0.0f : expf(max_lse - new_max);
+    max_lse = new_max;
+    weight_sum = weight_sum * carried + block_sum(expf(stats_lse - new_max), scratch);
+    sum.x *= carried;
+    sum.y *= carried;
+    sum.z *= carried;
+    sum.w *= carried;
+#pragma unroll
+    for (int k = 0; k < kPiecesPerThread; ++k) {
+      const float weight = expf(piece_lse[k] - new_max);  // 0 past the last piece
+      sum.x += weight * partial[k].x;
+      sum.y += weight * partial[k].y;
+      sum.z += weight * partial[k].z;
+      sum.w += weight * partial[k].w;
+    }
+  }
+
+  lane_sums[piece_lane][vector] = sum;
+  __syncthreads();
+  if (threadIdx.x < kPiecesColumns) {
+    const int column = threadIdx.x;
+    float total = 0.0f;
+    if (any_nan) {
+      total = NAN;
+    } else if (max_lse != -INFINITY) {  // else no piece saw a key: the row is empty (0)
+#pragma unroll
+      for (int lane = 0; lane < kPieceLanes; ++lane) {
+        total += reinterpret_cast<const float*>(&lane_sums[lane][column / kVectorWidth])
+            [column % kVectorWidth];
+      }
+      total /= weight_sum;
+    }
+    out[column] = from_float<T>(total);
+    if (column == 0 && first_column == 0) {
+      *lse = any_nan ? NAN : max_lse == -INFINITY ? INFINITY : max_lse + logf(weight_sum);
+    }
+  }
+}
+
 template <typename T>
 void launch_combine_kernel(const MlaDecodeParams& params, int64_t rows, cudaStream_t stream) {
   if (rows >= kManyRows) {
     const dim3 grid((params.rows_per_kv + kWarps - 1) / kWarps, params.num_heads_kv, params.batch);
-    combine_kernel<T, kWarps, 1><<<grid, kThreads, 0, stream>>>(params);
+    combine_kernel<T, kWarps><<<grid, kThreads, 0, stream>>>(params);
   } else if (rows >= kFewRows) {
     const dim3 grid(params.rows_per_kv, params.num_heads_kv, params.batch);
-    combine_kernel<T, 1, 1><<<grid, kThreads, 0, stream>>>(params);
+    combine_kernel<T, 1><<<grid, kThreads, 0, stream>>>(params);
   } else {
-    const dim3 grid(params.rows_per_kv * kFewRowsColumnParts, params.num_heads_kv, params.batch);
-    combine_kernel<T, 1, kFewRowsColumnParts><<<grid, kThreads, 0, stream>>>(params);
+    const dim3 grid(params.rows_per_kv * kPiecesColumnParts, params.num_heads_kv,
+                    params.batch);
+    combine_pieces_kernel<T><<<grid, kThreads, 0, stream>>>(params);
   }
 }
 

@@ -12,6 +12,13 @@ inside one jitted program, and the difference between 2N and N calls, over N, ca
 dispatch cost. Problems whose page pool would fit in L2 are replicated with fresh data and the
 calls rotate over the copies, so every call streams its cache from HBM. Outputs are checked
 against the reference before anything is timed.
+
+The chained time includes what chains the calls: a tiny XLA fusion per call that makes the next
+call's lengths depend on this call's outputs (a few µs, which matters on small problems only).
+On a GPU our kernels' rows also get a "kernel ms" column read from a profiler trace of the same
+chain: per call, from the start of the main kernel to the end of the combine, median over the
+calls. That is the time a caller's stream spends in one decode call (what CUDA events around the
+call would give), without the chaining.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import glob
 import json
 import math
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -151,6 +160,47 @@ def calibrated_time_per_call(op, lengths, shared, rotating, max_calls: int = 400
     return device_time_per_call(op, lengths, shared, rotating, calls, repeats)
 
 
+# Substrings of the names of the kernels one decode call launches (csrc/): the main kernel first,
+# then the combine.
+MAIN_KERNEL = "mla_decode"
+CALL_KERNELS = (MAIN_KERNEL, "combine")
+
+
+def call_spans_ns(events) -> list[float]:
+    """Durations of the decode calls in a trace's kernel events, (name, start_ns, end_ns) in any
+    order: a call runs from the start of a main kernel to the end of the last of our kernels
+    before the next main kernel. Other kernels (XLA fusions between calls) are ignored; an event
+    seen twice (on two lines of the trace) counts once."""
+    ours = sorted({(start, end, name) for name, start, end in events
+                   if any(kernel in name for kernel in CALL_KERNELS)})
+    spans = []
+    for start, end, name in ours:
+        if MAIN_KERNEL in name:
+            spans.append([start, end])
+        elif spans:
+            spans[-1][1] = max(spans[-1][1], end)
+    return [end - start for start, end in spans]
+
+
+def traced_time_per_call(op, lengths, shared, rotating, calls: int = 40) -> float | None:
+    """Seconds per call of `op` from a profiler trace of `calls` chained calls (call_spans_ns),
+    median over the calls; None when the trace holds no kernel of ours (no GPU, or no CUPTI)."""
+    program = _chained_calls(op, calls)
+    program(lengths, shared, rotating).block_until_ready()  # compiled and warm before tracing
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir):
+            program(lengths, shared, rotating).block_until_ready()
+        paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            return None
+        data = jax.profiler.ProfileData.from_file(paths[0])
+    events = [(event.name, event.start_ns, event.end_ns)
+              for plane in data.planes if plane.name.startswith("/device:")
+              for line in plane.lines for event in line.events]
+    spans = call_spans_ns(events)
+    return statistics.median(spans) * 1e-9 if spans else None
+
+
 def decode_fn(implementation: str):
     """One decode call of `implementation`, as timed by this module (causal, metadata given)."""
     def decode(lengths, metadata, splits, q, k_cache, table):
@@ -214,6 +264,9 @@ def measure(shape: Shape, implementations: list[str], with_reference: bool, seed
         seconds = calibrated_time_per_call(decode_fn(name), lengths, shared, problem.copies,
                                            max_calls, repeats)
         row[f"{name}_ms"] = seconds * 1e3
+        if name != "reference" and jax.devices()[0].platform == "gpu":
+            traced = traced_time_per_call(decode_fn(name), lengths, shared, problem.copies)
+            row[f"{name}_kernel_ms"] = traced * 1e3 if traced else None
         row[f"{name}_gbps"] = bytes_moved(shape, problem.total_tokens) / seconds / 1e9
         row[f"{name}_tflops"] = flops(shape, problem.total_tokens) / seconds / 1e12
         if row.get("xla_ms"):
@@ -233,8 +286,12 @@ def format_table(rows, implementations) -> str:
     with_schedule = any("hopper_schedule" in row for row in rows)
     if with_schedule:
         header += ["hopper schedule"]
+    with_kernel_time = {name: any(f"{name}_kernel_ms" in row for row in rows)
+                        for name in implementations}
     for name in implementations:
         header += [f"{name} ms", "GB/s", "TFLOPS"]
+        if with_kernel_time[name]:
+            header += [f"{name} kernel ms"]
     if with_reference:
         header += ["XLA ref ms"] + [f"{name} ÷ XLA" for name in implementations]
         header += [f"{name} max abs err" for name in implementations]
@@ -247,6 +304,9 @@ def format_table(rows, implementations) -> str:
         for name in implementations:
             cells += [f"{row[f'{name}_ms']:.4f}", f"{row[f'{name}_gbps']:.0f}",
                       f"{row[f'{name}_tflops']:.0f}"]
+            if with_kernel_time[name]:
+                kernel_ms = row.get(f"{name}_kernel_ms")
+                cells += [f"{kernel_ms:.4f}" if kernel_ms else "—"]
         if with_reference:
             if row.get("xla_ms"):
                 cells += [f"{row['xla_ms']:.3f}"]

@@ -50,3 +50,27 @@ def test_table_names_the_hopper_schedule_of_each_row():
     header, _, *body = bench.format_table(rows, ["hopper"]).splitlines()
     assert header.split(" | ")[4] == "hopper schedule"
     assert [line.split(" | ")[4] for line in body] == ["split", "seesaw"]
+
+
+def test_call_spans_run_from_main_kernel_to_end_of_combine_and_skip_glue():
+    events = [  # (name, start_ns, end_ns), out of order, one event listed twice
+        ("loop_add_fusion", 130, 135),
+        ("_ZN12jax_flashmla6hopper24mla_decode_seesaw_kernelILb1EEEv", 0, 100),
+        ("_ZN12jax_flashmla14combine_kernelI13__nv_bfloat16Li8ELi1EEEv", 105, 125),
+        ("mla_decode_portable_kernel", 140, 200),
+        ("combine_pieces_kernel<__half, 32>", 210, 230),
+        ("combine_pieces_kernel<__half, 32>", 210, 230),
+        ("input_reduce_fusion", 231, 240),
+    ]
+    assert bench.call_spans_ns(events) == [125, 90]
+    assert bench.call_spans_ns([("loop_add_fusion", 0, 5)]) == []
+
+
+def test_table_shows_kernel_time_column_when_traced():
+    rows = [{"batch": 1, "seqlen_k": 32768, "heads_q": 16, "seqlen_q": 1, "fixed": True,
+             "hopper_ms": 0.0275, "hopper_gbps": 1370.0, "hopper_tflops": 40.0,
+             "hopper_kernel_ms": kernel_ms} for kernel_ms in (0.0241, None)]
+    header, _, *body = [[cell.strip() for cell in line.strip("|").split("|")]
+                        for line in bench.format_table(rows, ["hopper"]).splitlines()]
+    column = header.index("hopper kernel ms")
+    assert [cells[column] for cells in body] == ["0.0241", "—"]

@@ -205,3 +205,14 @@ def test_one_long_sequence_split_across_every_sm(kernel):
     rng = np.random.default_rng()
     case = make_case(rng, batch=1, seqlen_q=1, heads_q=16, lengths=[65536 + 17])
     assert_close(*run(case, kernel), *run(case, "reference"), ml_dtypes.bfloat16)
+
+
+def test_a_row_in_more_pieces_than_one_combine_pass_takes(kernel):
+    # The small-batch combine merges up to 256 pieces of a row per pass; 512 partitions cut this
+    # sequence into more, so its rows take two passes (the running maximum carried across).
+    rng = np.random.default_rng()
+    case = make_case(rng, batch=1, seqlen_q=1, heads_q=16, lengths=[65536 + 17])
+    metadata, num_splits = jax_flashmla.get_mla_metadata(case.args[3], 16, 1, num_sm_parts=512)
+    assert int(num_splits[1]) > 256
+    assert_close(*run(case, kernel, metadata, num_splits), *run(case, "reference"),
+                 ml_dtypes.bfloat16)

@@ -12,7 +12,8 @@
 # Environment: ROWS (bench arguments, default: the multi-tile rows of the standard table),
 # REPEATS (default 2), BENCH_LIMIT (seconds per timing run, default 240). Logs and one JSON per
 # timing run go to LOGDIR; the summary table is printed at the end. Build i is installed in
-# /tmp/ab-build-i/site for further use (e.g. tests).
+# /tmp/ab-build-i/site for further use (e.g. tests). Cells: chained ms per call, and in brackets
+# the kernel ms from a profiler trace where the bench got one.
 set -u
 logs=$(mkdir -p "${1:?usage: tools/ab.sh LOGDIR VARIANT...}" && cd "$1" && pwd)
 shift
@@ -79,11 +80,13 @@ for i, _ in enumerate(variants):
     for f in sorted(logs.glob(f"bench-{i}-*.json")):
         for row in json.loads(f.read_text())["rows"]:
             key = (row["batch"], row["seqlen_k"], row["heads_q"], row["seqlen_q"])
-            table.setdefault(key, {}).setdefault(i, []).append(row["hopper_ms"])
+            kernel = row.get("hopper_kernel_ms")  # from a profiler trace (bench.py)
+            table.setdefault(key, {}).setdefault(i, []).append(
+                f"{row['hopper_ms']:.4f}" + (f" ({kernel:.4f})" if kernel else ""))
 print("| b | s_k | h_q | s_q | " + " | ".join(f"'{v}' ms" for v in variants) + " |")
 print("|---|---|---|---|" + "---|" * len(variants))
 for key in sorted(table):
-    cells = [" / ".join(f"{t:.4f}" for t in table[key].get(i, [])) or "—"
+    cells = [" / ".join(table[key].get(i, [])) or "—"
              for i in range(len(variants))]
     print("| " + " | ".join(map(str, key)) + " | " + " | ".join(cells) + " |")
 EOF
