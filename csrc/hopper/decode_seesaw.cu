@@ -11,24 +11,26 @@
 // One pair (m = running row maxima of raw scores, identical in both warpgroups at pair ends;
 // exp in base 2 with the softmax scale folded in):
 //   WG0: [S_c done] m_c = max(m, rowmax S_c), P_c -> own P tile; arrive A | O_L *= e^(m - m_c),
-//        O_L += P_c V_c,L | sync B | P_c e^(m_c - m_d) -> page c's RoPE box; arrive C |
-//        O_L *= e^(m_c - m_d), O_L += P_d V_d,L | next pair's S_c (arrive D once queued)
-//   WG1: [S_d done] sync A | m_d = max(m_c, rowmax S_d), P_d -> page d's RoPE box; arrive B |
-//        O_R *= e^(m - m_d), O_R += P_d V_d,R (P_d from registers) | sync C |
-//        O_R += P_c V_c,R (behind it, no wait) | sync D | next pair's S_d
+//        O_L += P_c V_c,L | sync B | O_L *= e^(m_c - m_d), O_L += P_d V_d,L |
+//        next pair's S_c (arrive D once queued)
+//   WG1: [S_d done] sync A | m_d = max(m_c, rowmax S_d), P_c e^(m_c - m_d) from WG0's P tile into
+//        registers, P_d -> page d's RoPE box; arrive B | O_R *= e^(m - m_d), O_R += P_c V_c,R,
+//        then P_d V_d,R (both P from registers) | sync D | next pair's S_d
 // So on the tensor cores: S_c, S_d (under WG0's softmax), P_c V_c,L (under WG1's softmax),
-// P_d V_d,R, P_c V_c,R, P_d V_d,L, the next S_c and S_d. The next pair's scores are issued at
-// the end of the pair, right behind its last P·V, and waited for there (nothing is in flight
-// across the loop's back edge, where ptxas could not prove the branches uniform). WG0 issues the
-// next S_c in two commit groups: the boxes of its own V half (loaded long ago), then, once the
-// P_d V_d,L before them is done and page d's boxes are re-armed, the rest (the boxes WG1 frees
-// last). D makes WG1's S_d queue behind S_c, so that S_c finishes first and WG0's softmax
-// overlaps S_d; without D both finish late (measured: no faster).
+// P_c V_c,R, then P_d V_d,R and P_d V_d,L, the next S_c and S_d. P_c V_c,R comes first so that
+// page c's last boxes are re-armed one P V earlier: the next S_c waits for them (measured 3-6%
+// faster than P_d V_d,R first, which had WG1 wait for WG0 to scale P_c into shared memory).
+// The next pair's scores are issued at the end of the pair, right behind its last P·V, and
+// waited for there (nothing is in flight across the loop's back edge, where ptxas could not
+// prove the branches uniform). WG0 issues the next S_c in two commit groups: the boxes of its
+// own V half (loaded long ago), then, once the P_d V_d,L before them is done and page d's boxes
+// are re-armed, the rest (the boxes WG1 frees last). D makes WG1's S_d queue behind S_c, so that
+// S_c finishes first and WG0's softmax overlaps S_d; without D both finish late (measured: no
+// faster).
 // WG1's half of P_c is P_c times e^(m_c - m_d), rounded once more where the maximum moved (as
-// FlashMLA does; measured accuracy equal to the split-S schedule's, kernel-notes.md). All P·V
-// except WG1's own P_d V_d,R read P from shared memory (wgmma SS), which keeps the register
-// count at 236 with no spill. Row sums are kept per warpgroup (each rescaled with its own O) and
-// added in the epilogue.
+// FlashMLA does; measured accuracy equal to the split-S schedule's, kernel-notes.md). WG0's P·V
+// read P from shared memory (wgmma SS), WG1's from registers (RS): 254 registers, no spill. Row
+// sums are kept per warpgroup (each rescaled with its own O) and added in the epilogue.
 //
 // Pipeline ordering and synchronisation:
 //   * full barrier [stage][box], count 1, parity (k / 2) & 1 for the k-th page of the CTA's flat
@@ -38,22 +40,23 @@
 //     stage of c, so every shared-memory address in it is a compile-time offset.
 //   * a stage is re-armed box group by box group as soon as its last reader is done, by the
 //     leader thread of the warpgroup that reads it last: page c's V half 0 by WG0 after
-//     P_c V_c,L; page c's V half 1 and RoPE box (P_c for WG1) by WG1 after P_c V_c,R; page d's
-//     V half 1 by WG1 after P_d V_d,R; page d's V half 0 and RoPE box (P_d) by WG0 after
-//     P_d V_d,L, while its next S_c is in flight. Causality makes the single releaser safe: the
-//     other warpgroup's reads of a group precede the hand-off that the releaser waited for.
-//     Each leader advances its copy of the load cursor once per page, c before d.
-//   * named barriers A (kFirstPageReadyId: m_c), B (kSecondPageReadyId: m_d, P_d),
-//     C (kScaledFirstPageId: WG1's P_c) and D (kScoresQueuedId: the next S_c is queued): the
-//     producer arrives, the consumer syncs, 256 threads each. A warpgroup cannot arrive twice at
-//     one before the other synced it: each is used once per pair, and every arrival of the
-//     next pair follows a sync of this pair's barrier that the other warpgroup reaches only
-//     after its own sync (A and C: after B; B: after A; D: after B). The same argument keeps the
-//     row-max slots (one per pair position) and the P tiles from being overwritten while still
-//     read. In the PTX memory model a bar.arrive synchronises with the bar.sync that completes
-//     the barrier, which orders the stores before the other warpgroup's loads (fence.proxy.async
-//     first where wgmmas read them); compute-sanitizer's racecheck does not model bar.arrive and
-//     reports these hand-offs.
+//     P_c V_c,L; page c's V half 1 and RoPE box by WG1 after P_c V_c,R (with P_d V_d,R still in
+//     flight); page d's V half 1 by WG1 after P_d V_d,R; page d's V half 0 and RoPE box (P_d)
+//     by WG0 after P_d V_d,L, while its next S_c is in flight. Causality makes the single
+//     releaser safe: the other warpgroup's reads of a group precede the hand-off that the
+//     releaser waited for (page c's RoPE box: S_c, before A). Each leader advances its copy of
+//     the load cursor once per page, c before d.
+//   * named barriers A (kFirstPageReadyId: m_c, P_c), B (kSecondPageReadyId: m_d, P_d) and
+//     D (kScoresQueuedId: the next S_c is queued): the producer arrives, the consumer syncs, 256
+//     threads each. A warpgroup cannot arrive twice at one before the other synced it: each is
+//     used once per pair, and every arrival of the next pair follows a sync of this pair's
+//     barrier that the other warpgroup reaches only after its own sync (A: after B; B: after A;
+//     D: after B). The same argument keeps the row-max slots (one per pair position) and the P
+//     tiles from being overwritten while still read: WG1 reads WG0's P tile before it arrives
+//     at B, and WG0 rewrites it only after B. In the PTX memory model a bar.arrive synchronises
+//     with the bar.sync that completes the barrier, which orders the accesses before it with the
+//     other warpgroup's after it (fence.proxy.async first where wgmmas read them);
+//     compute-sanitizer's racecheck does not model bar.arrive and reports these hand-offs.
 //   * a warpgroup-wide barrier (id 1 + wg) precedes every release and every P·V from a P tile
 //     the warpgroup wrote, so that all of its threads passed their wgmma wait or their stores
 //     first; it also publishes the zeroing of V rows a P·V must not multiply (tokens past the
@@ -74,6 +77,7 @@
 #include "smem_matrix.h"
 #include "schedules.h"
 #include "wgmma.h"
+
 
 namespace jax_flashmla {
 namespace hopper {
@@ -287,24 +291,22 @@ __device__ __forceinline__ float2 unpack2(uint32_t v) {
   }
 }
 
-// Copies the warp's rows of P tile `from` to P tile `to`, times factor[row]. A factor of exactly 1
-// (the usual case: the row maxima did not move) copies P unchanged; otherwise the product is
-// rounded again. No skip test: this runs while a P V is in flight, where a branch, even a
-// warp-uniform one, is best avoided. The caller orders it after its own warp's stores of `from`.
+// Loads the warp's rows of P tile `tile` as a wgmma A fragment (pack_p's layout), times
+// factor[row]. A factor of exactly 1 (the usual case: the row maxima did not move) leaves P as it
+// was stored; otherwise the product is rounded again.
 template <bool kBf16>
-__device__ __forceinline__ void copy_scaled_p_tile(uint32_t from, uint32_t to,
-                                                   const float (&factor)[2], int warp, int lane) {
+__device__ __forceinline__ void load_scaled_p_tile(uint32_t tile, const float (&factor)[2],
+                                                   int warp, int lane,
+                                                   uint32_t (&a)[kPFragRegs]) {
 #pragma unroll
   for (int v = 0; v < kPFragRegs / 4; ++v) {
-    const uint32_t row = p_tile_row(from, warp, lane, v);
-    uint32_t a[4];
-    ldmatrix_x4(a, row);
+    uint32_t step[4];
+    ldmatrix_x4(step, p_tile_row(tile, warp, lane, v));
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      const float2 pair = unpack2<kBf16>(a[r]);
-      a[r] = pack2<kBf16>(pair.x * factor[r & 1], pair.y * factor[r & 1]);
+      const float2 pair = unpack2<kBf16>(step[r]);
+      a[4 * v + r] = pack2<kBf16>(pair.x * factor[r & 1], pair.y * factor[r & 1]);
     }
-    stmatrix_x4(row - from + to, a);
   }
 }
 
@@ -518,10 +520,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint32_t kst_d = k_addr + kStageD * kTileBytes;
         const uint32_t bars_c = bar_addr + kStageC * kNumBoxesQK * 8;
         const uint32_t bars_d = bar_addr + kStageD * kNumBoxesQK * 8;
-        const uint32_t p_box_c = kst_c + seesaw::kRopeBox * kBoxBytes;  // P_c for WG1 after S_c
         const uint32_t p_box_d = kst_d + seesaw::kRopeBox * kBoxBytes;  // P_d for WG0 after S_d
         if (wg == 0) {
-          // ---- softmax of page c (over WG1's scores of page d), m_c to WG1 (A) ----
+          // ---- softmax of page c (over WG1's scores of page d), m_c and P_c to WG1 (A) ----
           if (base_c + kPageSize > tile_lim) mask_scores(sp, base_c, lim, q4);
           float mx[2];
           page_row_max(sp, mx);
@@ -557,7 +558,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           issue_pv_from_tile<kBf16>(o, first_p_tile, kst_c + v_half);  // O_L += P_c V_c,L
           wgmma_commit();
-          // ---- m_d from WG1 (B); P_c relative to m_d to WG1 (C) ----
+          // ---- m_d from WG1 (B) ----
           named_barrier_sync(seesaw::kSecondPageReadyId, kThreads);  // B
           const float m_d[2] = {ld_shared_f32(max_first + kToSecond),
                                 ld_shared_f32(max_first + kToSecond + kRow8)};
@@ -568,9 +569,6 @@ __global__ void __launch_bounds__(kThreads, 1)
             l_run[i] *= beta[i];
             m_run[i] = m_d[i];
           }
-          copy_scaled_p_tile<kBf16>(first_p_tile, p_box_c, beta, warp, lane);
-          fence_proxy_async_smem();  // read by WG1's wgmmas (async proxy)
-          named_barrier_arrive(seesaw::kScaledFirstPageId, kThreads);  // C
           wgmma_wait<0>();  // P_c V_c,L done
           fence_regs(o);
           named_barrier_sync(1 + wg, kWarpgroupThreads);
@@ -611,14 +609,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           named_barrier_sync(seesaw::kFirstPageReadyId, kThreads);  // A
           const float m_c[2] = {ld_shared_f32(max_first), ld_shared_f32(max_first + kRow8)};
-          float m_d[2], gamma[2], offset[2];
+          float m_d[2], gamma[2], offset[2], beta[2];
           float rsum[2] = {0.f, 0.f};
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             m_d[i] = fmaxf(m_c[i], mx[i]);
             gamma[i] = rescale_factor(m_run[i], m_d[i], scale_log2);
             offset[i] = max_offset(m_d[i], scale_log2);
+            beta[i] = rescale_factor(m_c[i], m_d[i], scale_log2);
           }
+          // WG0's P_c, relative to m_d like P_d: read before B, after which WG0 may overwrite its
+          // P tile with the next pair's.
+          uint32_t pc[kPFragRegs];
+          load_scaled_p_tile<kBf16>(first_p_tile, beta, warp, lane, pc);
           uint32_t pd[kPFragRegs];
           if (pair) {
             exponentiate(sp, offset, scale_log2, rsum);
@@ -637,34 +640,36 @@ __global__ void __launch_bounds__(kThreads, 1)
             m_run[i] = m_d[i];
           }
           scale_rows(o, gamma);  // O_R now relative to m_d, for both pages' P V
-          // ---- O_R += P_d V_d,R (own P, at once) + P_c V_c,R (once WG0 scaled P_c: C) ----
-          // Inlined into each branch, so that each waits for its own wgmmas: one in flight across
-          // the merge would make ptxas serialise them all (C7520).
-          auto add_first_page_and_wait = [&] {
-            prepare_v_half(kst_c, bars_c, parity_c, wg, wtid, tail_c || !ok_c, zero_from_c);
-            named_barrier_sync(seesaw::kScaledFirstPageId, kThreads);  // C
-            issue_pv_from_tile<kBf16>(o, p_box_c, kst_c + v_half);
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(o);
-          };
+          // ---- O_R += P_c V_c,R, then P_d V_d,R (both P from registers) ----
+          // P_c's first, so that page c's last boxes are re-armed one P V earlier: the next S_c
+          // waits for them. Each branch waits for its own wgmmas: one in flight across the merge
+          // would make ptxas serialise them all (C7520).
+          prepare_v_half(kst_c, bars_c, parity_c, wg, wtid, tail_c || !ok_c, zero_from_c);
+          issue_pv<kBf16>(o, pc, kst_c + v_half);
+          wgmma_commit();
           if (pair) {
             prepare_v_half(kst_d, bars_d, parity_d, wg, wtid, tail_d || !ok_d, zero_from_d);
             issue_pv<kBf16>(o, pd, kst_d + v_half);
-            add_first_page_and_wait();
-          } else {
-            add_first_page_and_wait();
-          }
-          // The next sequence's Q: S_c (before A) and S_d were its last readers. Here rather
-          // than right after A: P_d's registers are free now.
-          if (last_pair && more_seqs) start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);
-          named_barrier_sync(1 + wg, kWarpgroupThreads);
-          reload(kStageC, kBoxesPerWarpgroupV, kBoxesPerWarpgroupV + 1);  // V half 1 + RoPE -> c + 2
-          next_page();
-          if (pair) {
+            wgmma_commit();
+            wgmma_wait<1>();  // P_c V_c,R done
+            named_barrier_sync(1 + wg, kWarpgroupThreads);
+            reload(kStageC, kBoxesPerWarpgroupV, kBoxesPerWarpgroupV + 1);  // V half 1 + RoPE -> c + 2
+            next_page();
+            wgmma_wait<0>();
+            fence_regs(o);
+            named_barrier_sync(1 + wg, kWarpgroupThreads);
             reload(kStageD, kBoxesPerWarpgroupV, kBoxesPerWarpgroupV);  // V half 1 -> page d + 2
             next_page();
+          } else {
+            wgmma_wait<0>();
+            fence_regs(o);
+            named_barrier_sync(1 + wg, kWarpgroupThreads);
+            reload(kStageC, kBoxesPerWarpgroupV, kBoxesPerWarpgroupV + 1);  // V half 1 + RoPE -> c + 2
+            next_page();
           }
+          // The next sequence's Q: S_c (before A) and S_d were its last readers. Here rather
+          // than right after A: P's registers are free now.
+          if (last_pair && more_seqs) start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);
           // ---- the next pair's S_d, queued behind WG0's S_c ----
           if (next_pair_full) {
             second_page_scores<kBf16, kStageD>(sp, readable(p, block_table_row(p, s, first + 3)),

@@ -80,7 +80,6 @@ static_assert(kBlockM * kBlockN * 2 == kBoxBytes, "a page's P tile must fit its 
 constexpr int kFirstPageReadyId = 3;   // warpgroup 0 arrives (row maxima of the first page)
 constexpr int kSecondPageReadyId = 4;  // warpgroup 1 arrives (max and P of the second page)
 constexpr int kEpilogueBarrierId = 5;  // all 256 threads: row sums exchanged
-constexpr int kScaledFirstPageId = 6;  // warpgroup 0 arrives (first page's P relative to m_d)
 constexpr int kScoresQueuedId = 7;     // warpgroup 0 arrives (first page's scores issued)
 }  // namespace seesaw
 
