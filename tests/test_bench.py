@@ -74,3 +74,13 @@ def test_table_shows_kernel_time_column_when_traced():
                         for line in bench.format_table(rows, ["hopper"]).splitlines()]
     column = header.index("hopper kernel ms")
     assert [cells[column] for cells in body] == ["0.0241", "—"]
+
+
+def test_traced_time_is_none_without_kernels_of_ours():
+    # On the CPU the trace holds no device plane, so no call spans: the column is left out rather
+    # than filled with a made-up number.
+    problem = bench.make_problem(bench.Shape(2, 64, 4, 1, fixed=True))
+    metadata = bench.jax_flashmla.get_mla_metadata(problem.cache_seqlens, 4, 1)
+    traced = bench.traced_time_per_call(bench.decode_fn("reference"), problem.cache_seqlens,
+                                        metadata, problem.copies, calls=2)
+    assert traced is None

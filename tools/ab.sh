@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Same-run A/B of kernel variants on one GPU. A variant is nvcc flags and/or environment settings,
-# one argument each: "-DJFM_SWITCH=0 -DOTHER=1", "@JAX_FLASHMLA_HOPPER_CLUSTER=1" (words starting
-# with @ are environment assignments for the timing run), "" for the tree as it is. Each distinct
-# set of flags is built once, all builds in parallel; then every variant times the same rows, in
-# rotating order, REPEATS times, so that clock drift spreads over all of them. Only our kernel is
-# timed (no XLA reference: this compares variants with each other).
+# Same-run A/B of kernel variants on one GPU. A variant is nvcc flags and/or environment settings
+# and/or another source tree, one argument each: "-DJFM_SWITCH=0 -DOTHER=1",
+# "@JAX_FLASHMLA_HOPPER_CLUSTER=1" (words starting with @ are environment assignments for the
+# timing run), "src=DIR" (build DIR, relative to the repository, instead of the repository), ""
+# for the tree as it is. Each distinct (source, flags) is built once, all builds in parallel; then
+# every variant times the same rows, in rotating order, REPEATS times, so that clock drift spreads
+# over all of them. Only our kernel is timed (no XLA reference: this compares variants with each
+# other).
 #
 #   ROWS="--table custom --batch 128 --seqlen 4096 --heads 128 --seqlen-q 2" \
 #     tools/ab.sh LOGDIR "" "-DJFM_SOME_SWITCH=0" "@JAX_FLASHMLA_HOPPER_SCHEDULE=split"
+#
+# Against the last commit (the GPU machine gets the working tree, not the history, so export the
+# commit before sending: a folder that is neither tracked nor ignored travels with it):
+#   git archive HEAD | tar -x -C ab-base     # here, after mkdir ab-base
+#   tools/ab.sh LOGDIR "src=ab-base" ""       # there
 #
 # Environment: ROWS (bench arguments, default: the multi-tile rows of the standard table),
 # REPEATS (default 2), BENCH_LIMIT (seconds per timing run, default 240). Logs and one JSON per
@@ -23,17 +30,18 @@ rows=${ROWS:---table custom --batch 128 --seqlen 4096 8192 --heads 64 128 --seql
 export PYTHONUNBUFFERED=1
 
 variants=("$@")
-flags=()  # per variant: its nvcc flags, ';'-separated for CMake
+flags=()  # per variant: its source folder, '|', its nvcc flags (';'-separated for CMake)
 envs=()   # per variant: its environment assignments
 for v in "${variants[@]}"; do
-  f="" e=""
+  f="" e="" src="."
   for word in $v; do
     case $word in
       @*) e="$e ${word#@}" ;;
+      src=*) src=${word#src=} ;;
       *) f="${f:+$f;}$word" ;;
     esac
   done
-  flags+=("$f")
+  flags+=("$src|$f")
   envs+=("$e")
 done
 builds=()  # distinct flag sets
@@ -45,9 +53,10 @@ for f in "${flags[@]}"; do
 done
 build() {  # build index
   local b=$1
-  if (cd "$repo" && timeout 600 python3 -m pip install --no-build-isolation --no-deps \
+  local src=${builds[$b]%%|*} nvcc_flags=${builds[$b]#*|}
+  if (cd "$repo/$src" && timeout 600 python3 -m pip install --no-build-isolation --no-deps \
         --no-compile --target "/tmp/ab-build-$b/site" -C "build-dir=/tmp/ab-build-$b/cmake" \
-        -C "cmake.define.JAX_FLASHMLA_EXTRA_CUDA_FLAGS=${builds[$b]}" . > "$logs/build-$b.log" 2>&1)
+        -C "cmake.define.JAX_FLASHMLA_EXTRA_CUDA_FLAGS=$nvcc_flags" . > "$logs/build-$b.log" 2>&1)
   then
     echo "built $b: '${builds[$b]}'"
   else
