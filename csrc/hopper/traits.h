@@ -53,8 +53,8 @@ constexpr int kCtaBarrierId = 3;  // named barrier over all 256 threads (the exc
 
 // Seesaw schedule (decode_seesaw.cu): pages are taken in pairs; the first page's scores are
 // computed by warpgroup 0, the second's by warpgroup 1. Warpgroup 0 keeps the first page's P in
-// its own tile; each page's P for the other warpgroup goes through the page's RoPE box (box 8,
-// read by no P V, so free once the page's scores are done).
+// its own tile, which warpgroup 1 also reads; the second page's P goes to warpgroup 0 through that
+// page's RoPE box (box 8, read by no P V, so free once the page's scores are done).
 //   [0, 73728)            Q tile
 //   [73728, 221184)       K stages 0 and 1
 //   [221184, 229376)      warpgroup 0's P tile (first page of a pair)
