@@ -56,13 +56,12 @@ __device__ float warp_sum(float value) {
 // A block takes kRowsPerBlock rows (kWarps: a row per warp; 1: the warps share the row's pieces).
 template <typename T, int kRowsPerBlock>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const MlaDecodeParams params) {
-  constexpr int kColumns = kHeadDimV;
-  constexpr int kColumnsPerLane = kColumns / kWarpSize;
+  constexpr int kColumnsPerLane = kHeadDimV / kWarpSize;
   constexpr int kVectorsPerLane = kColumnsPerLane / kVectorWidth;
   static_assert(kColumnsPerLane % kVectorWidth == 0, "lanes read whole float4 vectors");
   static_assert(kWarps % kRowsPerBlock == 0, "a row's warps are in one block");
   constexpr int kWarpsPerRow = kWarps / kRowsPerBlock;
-  __shared__ float partial_sums[kWarps][kColumns];
+  __shared__ float partial_sums[kWarps][kHeadDimV];
 
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
@@ -152,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const MlaDecodeParams
                       result[v * kVectorWidth + 2], result[v * kVectorWidth + 3]);
     }
     __syncthreads();
-    for (int col = threadIdx.x; col < kColumns; col += kThreads) {
+    for (int col = threadIdx.x; col < kHeadDimV; col += kThreads) {
       float total = 0.0f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) total += partial_sums[w][col];
