@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import jax_flashmla
 from jax_flashmla import bench
 
 
@@ -58,8 +59,8 @@ def test_call_spans_run_from_main_kernel_to_end_of_combine_and_skip_glue():
         ("_ZN12jax_flashmla6hopper24mla_decode_seesaw_kernelILb1EEEv", 0, 100),
         ("_ZN12jax_flashmla14combine_kernelI13__nv_bfloat16Li8ELi1EEEv", 105, 125),
         ("mla_decode_portable_kernel", 140, 200),
-        ("combine_pieces_kernel<__half, 32>", 210, 230),
-        ("combine_pieces_kernel<__half, 32>", 210, 230),
+        ("combine_pieces_kernel<__half>", 210, 230),
+        ("combine_pieces_kernel<__half>", 210, 230),
         ("input_reduce_fusion", 231, 240),
     ]
     assert bench.call_spans_ns(events) == [125, 90]
@@ -80,7 +81,7 @@ def test_traced_time_is_none_without_kernels_of_ours():
     # On the CPU the trace holds no device plane, so no call spans: the column is left out rather
     # than filled with a made-up number.
     problem = bench.make_problem(bench.Shape(2, 64, 4, 1, fixed=True))
-    metadata = bench.jax_flashmla.get_mla_metadata(problem.cache_seqlens, 4, 1)
+    metadata = jax_flashmla.get_mla_metadata(problem.cache_seqlens, 4, 1)
     traced = bench.traced_time_per_call(bench.decode_fn("reference"), problem.cache_seqlens,
                                         metadata, problem.copies, calls=2)
     assert traced is None
