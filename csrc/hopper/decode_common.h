@@ -64,15 +64,20 @@ __device__ __forceinline__ bool readable(const MlaDecodeParams& p, int row) {
 }
 
 // Position of the next page to load in the CTA's flat page stream (the pages of all its
-// sequences, in order). Kept identically by every thread that issues loads.
+// sequences, in order). Kept identically by every thread that issues loads. The page's
+// block-table entry is read when the cursor reaches the page rather than when its load is
+// issued: the issue sits between a warpgroup's wgmmas, where its other warps wait for the
+// leader, and a step of the cursor can be placed elsewhere (the seesaw does).
 struct LoadCursor {
   int seq;
   int page;
   int page_end;
+  int row;  // block-table entry of (seq, page) while a page remains
 };
-static_assert(sizeof(LoadCursor) == 12, "the seesaw kernel keeps two cursors in 24 bytes of smem");
+static_assert(sizeof(LoadCursor) == 16, "the seesaw kernel keeps two cursors in 32 bytes of smem");
 
-// Skips sequences with no page left; afterwards page < page_end iff a page remains.
+// Skips sequences with no page left; afterwards page < page_end iff a page remains, and then
+// row is its block-table entry.
 __device__ __forceinline__ void cursor_settle(LoadCursor& c, const MlaDecodeParams& p,
                                               const Partition& pt) {
   while (c.page >= c.page_end && c.seq < pt.end_seq) {
@@ -80,11 +85,12 @@ __device__ __forceinline__ void cursor_settle(LoadCursor& c, const MlaDecodePara
     c.page = 0;  // seq_lo of a sequence after begin_seq
     c.page_end = (seq_hi(p, pt, c.seq) + kPageSize - 1) / kPageSize;
   }
+  if (c.page < c.page_end) c.row = block_table_row(p, c.seq, c.page);
 }
 
 __device__ __forceinline__ LoadCursor cursor_begin(const MlaDecodeParams& p, const Partition& pt) {
   LoadCursor c{pt.begin_seq, seq_lo(pt, pt.begin_seq) / kPageSize,
-               (seq_hi(p, pt, pt.begin_seq) + kPageSize - 1) / kPageSize};
+               (seq_hi(p, pt, pt.begin_seq) + kPageSize - 1) / kPageSize, 0};
   cursor_settle(c, p, pt);
   return c;
 }
@@ -102,22 +108,25 @@ __device__ __forceinline__ bool cursor_has_page(const LoadCursor& c) {
 // Arms the full barriers of boxes [first, first + count) of `stage` and issues their loads for
 // the cursor's page. A page whose block-table entry lies outside [0, num_pages) is never read:
 // plain arrivals complete the phase, and the consumers see the same entry and skip its math.
+// Every call's box range is a compile-time constant once inlined: unrolled, the issue takes the
+// leader about 10 instructions a box, where the rolled loop took 20 (kernel-notes.md, v1.7).
 __device__ __forceinline__ void issue_boxes(const CUtensorMap* map, const MlaDecodeParams& p,
                                             const LoadCursor& c, int stage, int first, int count,
                                             uint32_t k_addr, uint32_t bar_addr, int kvh,
                                             uint64_t policy) {
-  const int row = block_table_row(p, c.seq, c.page);
+  const int row = c.row;
   const bool ok = readable(p, row);
   const uint32_t dst = k_addr + stage * kTileBytes;
   const uint32_t bars = bar_addr + stage * kNumBoxesQK * 8;
-#pragma unroll 1
-  for (int box = first; box < first + count; ++box) {
-    if (ok) {
+  if (ok) {
+#pragma unroll
+    for (int box = first; box < first + count; ++box) {
       mbar_arrive_expect_tx(bars + box * 8, kBoxBytes);
       tma_load_4d(dst + box * kBoxBytes, map, bars + box * 8, box * kBoxCols, kvh, 0, row, policy);
-    } else {
-      mbar_arrive(bars + box * 8);
     }
+  } else {
+#pragma unroll 1
+    for (int box = first; box < first + count; ++box) mbar_arrive(bars + box * 8);
   }
 }
 

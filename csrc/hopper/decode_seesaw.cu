@@ -145,17 +145,19 @@ __device__ __forceinline__ void masked_scores(float (&s)[kPageScores]) {
 // WG1's scores of the second page queue behind it. `while_in_flight` runs as soon as every
 // earlier wgmma group of the warpgroup (a P V) is done, with the first V half's part of the scores
 // in flight (those boxes were loaded long ago; the rest may still be waiting for their TMA): it
-// must not touch s.
-template <bool kBf16, int kStage, typename Body>
+// must not touch s. `once_queued` runs once every wgmma of the scores is issued, while they run.
+template <bool kBf16, int kStage, typename Release, typename Queued>
 __device__ __forceinline__ void first_page_scores(float (&s)[kPageScores], bool readable_page,
                                                   uint64_t desc_base, uint32_t bar_addr,
-                                                  uint32_t parity, Body&& while_in_flight) {
+                                                  uint32_t parity, Release&& while_in_flight,
+                                                  Queued&& once_queued) {
   if (readable_page) {
     issue_page_scores<kBf16, kStage, 0, 0, kBoxesPerWarpgroupV>(s, desc_base, bar_addr, parity);
     wgmma_wait<1>();
     while_in_flight();
     issue_page_scores<kBf16, kStage, 0, kBoxesPerWarpgroupV>(s, desc_base, bar_addr, parity);
     named_barrier_arrive(seesaw::kScoresQueuedId, kThreads);  // D
+    once_queued();
     wgmma_wait<0>();
     fence_regs(s);
   } else {
@@ -166,6 +168,7 @@ __device__ __forceinline__ void first_page_scores(float (&s)[kPageScores], bool 
     named_barrier_arrive(seesaw::kScoresQueuedId, kThreads);  // D
     wgmma_wait<0>();
     while_in_flight();
+    once_queued();
   }
 }
 
@@ -475,7 +478,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         constexpr int kStageC = decltype(stage_of_c)::value;
         if (wg == 0) {
           first_page_scores<kBf16, kStageC>(sp, readable(p, block_table_row(p, s, page_begin)),
-                                            desc_base, bar_addr, (k >> 1) & 1, [] {});
+                                            desc_base, bar_addr, (k >> 1) & 1, [] {}, [] {});
         } else if (pair) {
           second_page_scores<kBf16, kStageC ^ 1>(
               sp, readable(p, block_table_row(p, s, page_begin + 1)), desc_base, bar_addr,
@@ -573,7 +576,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_regs(o);
           named_barrier_sync(1 + wg, kWarpgroupThreads);
           reload(kStageC, 0, kBoxesPerWarpgroupV);  // page c's V half 0 -> page c + 2
-          next_page();
           if (last_pair && more_seqs && pair) {  // S_c and S_d (before B) are done
             start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
           }
@@ -583,22 +585,29 @@ __global__ void __launch_bounds__(kThreads, 1)
             prepare_v_half(kst_d, bars_d, parity_d, wg, wtid, tail_d || !ok_d, zero_from_d);
             issue_pv_from_tile<kBf16>(o, p_box_d, kst_d + v_half);
             wgmma_commit();
+            // The cursor moves on to page d + 2 here, with P_d V_d,L queued: the leader's other
+            // warps wait for it at its next wgmma, and that is the next pair's scores, which wait
+            // for page c + 2's boxes anyway.
+            next_page();
             // Page d's V half 0 and RoPE box (P_d) are free once P_d V_d,L is done.
             auto release_page_d = [&] {
               fence_regs(o);
               named_barrier_sync(1 + wg, kWarpgroupThreads);
               reload(kStageD, 0, kBoxesPerWarpgroupV);  // -> page d + 2
               reload(kStageD, seesaw::kRopeBox, 1);
-              next_page();
             };
             if (!last_pair) {
+              // The cursor moves on once the scores are queued, off the way to them.
               first_page_scores<kBf16, kStageC>(sp, readable(p, block_table_row(p, s, first + 2)),
                                                 desc_base, bar_addr, parity_c ^ 1,
-                                                release_page_d);
+                                                release_page_d, next_page);
             } else {
               wgmma_wait<0>();
               release_page_d();
+              next_page();
             }
+          } else {
+            next_page();  // half pair: page c's cursor step
           }
         } else {
           // ---- page d (scores done): softmax over WG0's P_c V_c,L, m_d and P_d to WG0 (B) ----

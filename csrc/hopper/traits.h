@@ -61,7 +61,7 @@ constexpr int kCtaBarrierId = 3;  // named barrier over all 256 threads (the exc
 //   [229376, +512)        row maxima [pair position][64] (fp32)
 //   [229888, +512)        row sums [warpgroup][64] (fp32)
 //   [230400, +144)        full barriers, [stage][box]
-//   [230544, +24)         the two leaders' load cursors
+//   [230544, +32)         the two leaders' load cursors (LoadCursor, 16 bytes each)
 namespace seesaw {
 constexpr int kRopeBox = kNumBoxesQK - 1;  // box 8: columns 512..575, used by S only
 constexpr int kSmemFirstP = kSmemK + kNumKStages * kTileBytes;
@@ -69,7 +69,7 @@ constexpr int kSmemRowMax = kSmemFirstP + kBoxBytes;
 constexpr int kSmemRowSum = kSmemRowMax + 2 * kBlockM * 4;
 constexpr int kSmemBar = kSmemRowSum + 2 * kBlockM * 4;
 constexpr int kSmemCursors = kSmemBar + kNumKStages * kNumBoxesQK * 8;
-constexpr int kSmemUsed = kSmemCursors + 2 * 3 * 4;
+constexpr int kSmemUsed = kSmemCursors + 2 * 4 * 4;
 constexpr int kSmemBytes = kSmemUsed + kSmemAlign;
 static_assert(kSmemBytes <= 227 * 1024, "exceeds the sm_90 per-block shared memory limit");
 static_assert(kSmemFirstP % 1024 == 0, "P tile must be 1024-aligned (swizzle atom)");
