@@ -49,13 +49,19 @@ def nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def compile_command(source: pathlib.Path, arch: str) -> list[str]:
+    """nvcc compiling `source` for one architecture as CMakeLists.txt does; append the output
+    options (-c / -cubin, -o)."""
+    gencode = f"arch=compute_{arch.removeprefix('sm_')},code={arch}"
+    return [nvcc(), *NVCC_FLAGS, "-gencode", gencode, "-I", str(REPO / "csrc"), str(source)]
+
+
 def compile_report(source: str, arch: str) -> list[KernelReport]:
     """Compiles one source for one architecture and parses ptxas's per-kernel report."""
-    gencode = f"arch=compute_{arch.removeprefix('sm_')},code={arch}"
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
-            [nvcc(), *NVCC_FLAGS, "-gencode", gencode, "-I", str(REPO / "csrc"), "-Xptxas", "-v",
-             "-c", str(REPO / source), "-o", str(pathlib.Path(tmp) / "kernel.o")],
+            [*compile_command(REPO / source, arch), "-Xptxas", "-v", "-c", "-o",
+             str(pathlib.Path(tmp) / "kernel.o")],
             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"nvcc failed on {source} ({arch}):\n{result.stderr[-4000:]}")

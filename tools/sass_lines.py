@@ -29,7 +29,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from ptxas_report import NVCC_FLAGS, REPO, nvcc  # noqa: E402
+from ptxas_report import compile_command, nvcc  # noqa: E402
 
 TOTAL_COLUMN = "Warp Stall Sampling (All Samples)"
 UNLISTED_REASON = "warpgroup_arrive"
@@ -123,11 +123,9 @@ def report(function: SassFunction, samples: list[dict[str, float]], source_path:
 
 
 def disassemble(source: pathlib.Path, arch: str, nvdisasm: str) -> str:
-    gencode = f"arch=compute_{arch.removeprefix('sm_')},code={arch}"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = pathlib.Path(tmp) / "kernel.cubin"
-        subprocess.run([nvcc(), *NVCC_FLAGS, "-DNDEBUG", "-gencode", gencode, "-I",
-                        str(REPO / "csrc"), "-cubin", str(source), "-o", str(cubin)], check=True)
+        subprocess.run([*compile_command(source, arch), "-cubin", "-o", str(cubin)], check=True)
         return subprocess.run([nvdisasm, "-gi", "-c", str(cubin)], check=True,
                               capture_output=True, text=True).stdout
 
