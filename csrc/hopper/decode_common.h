@@ -105,28 +105,43 @@ __device__ __forceinline__ bool cursor_has_page(const LoadCursor& c) {
   return c.page < c.page_end;
 }
 
-// Arms the full barriers of boxes [first, first + count) of `stage` and issues their loads for
-// the cursor's page. A page whose block-table entry lies outside [0, num_pages) is never read:
-// plain arrivals complete the phase, and the consumers see the same entry and skip its math.
-// Every call's box range is a compile-time constant once inlined: unrolled, the issue takes the
-// leader about 10 instructions a box, where the rolled loop took 20 (kernel-notes.md, v1.7).
-__device__ __forceinline__ void issue_boxes(const CUtensorMap* map, const MlaDecodeParams& p,
-                                            const LoadCursor& c, int stage, int first, int count,
-                                            uint32_t k_addr, uint32_t bar_addr, int kvh,
-                                            uint64_t policy) {
+// Full barrier of load group `group` of `stage`.
+__device__ __forceinline__ uint32_t group_barrier(uint32_t bar_addr, int stage, int group) {
+  return bar_addr + (stage * kLoadGroups + group) * 8;
+}
+
+// Arms the full barriers of the load groups in `groups` (a mask of group_bit) of `stage` and
+// issues their loads for the cursor's page, one TMA instruction per group. A page whose
+// block-table entry lies outside [0, num_pages) is never read: plain arrivals complete the
+// phases, and the consumers see the same entry and skip its math. Every call's mask is a
+// compile-time constant once inlined, so the loops disappear: the leader's issue was ~10
+// instructions per 64-column box before the groups (20 as a rolled loop; kernel-notes.md).
+__device__ __forceinline__ void issue_groups(const KvTensorMaps& maps, const MlaDecodeParams& p,
+                                             const LoadCursor& c, int stage, uint32_t groups,
+                                             uint32_t k_addr, uint32_t bar_addr, int kvh,
+                                             uint64_t policy) {
   const int row = c.row;
-  const bool ok = readable(p, row);
   const uint32_t dst = k_addr + stage * kTileBytes;
-  const uint32_t bars = bar_addr + stage * kNumBoxesQK * 8;
-  if (ok) {
+  if (readable(p, row)) {
 #pragma unroll
-    for (int box = first; box < first + count; ++box) {
-      mbar_arrive_expect_tx(bars + box * 8, kBoxBytes);
-      tma_load_4d(dst + box * kBoxBytes, map, bars + box * 8, box * kBoxCols, kvh, 0, row, policy);
+    for (int group = 0; group < kLoadGroups; ++group) {
+      if (!(groups & group_bit(group))) continue;
+      const uint32_t bar = group_barrier(bar_addr, stage, group);
+      const uint32_t box_dst = dst + group * kBoxesPerWarpgroupV * kBoxBytes;
+      if (group == kGroupRope) {
+        mbar_arrive_expect_tx(bar, kBoxBytes);
+        tma_load_4d(box_dst, &maps.rope, bar, kHeadDimV, kvh, 0, row, policy);
+      } else {
+        mbar_arrive_expect_tx(bar, kBoxesPerWarpgroupV * kBoxBytes);
+        tma_load_5d(box_dst, &maps.v_half, bar, 0, kvh, 0, group * kBoxesPerWarpgroupV, row,
+                    policy);
+      }
     }
   } else {
-#pragma unroll 1
-    for (int box = first; box < first + count; ++box) mbar_arrive(bars + box * 8);
+#pragma unroll
+    for (int group = 0; group < kLoadGroups; ++group) {
+      if (groups & group_bit(group)) mbar_arrive(group_barrier(bar_addr, stage, group));
+    }
   }
 }
 

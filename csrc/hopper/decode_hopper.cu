@@ -10,8 +10,9 @@
 //   Q tile (64 x 576) -> smem by cp.async, stored 128B-swizzled (9 boxes of 64 cols). The next
 //   sequence's Q is started as soon as the current one's last S has completed (see below).
 // Per page k of the CTA's flat page stream (pages of all its sequences, in order):
-//   stage = k % 2, the TMA destination of that page; 9 mbarriers per stage, one per 64-column
-//   box, so S can start on box 0 while boxes 1..8 are still landing.
+//   stage = k % 2, the TMA destination of that page; 3 mbarriers per stage, one per load group
+//   (V half 0, V half 1, RoPE box: traits.h), so S can start on the first V half while the
+//   rest is still landing.
 //   Split S: warpgroup w computes S for tokens 32w..32w+31 (wgmma m64n32k16 x 36, Q and K both
 //   K-major in smem), writes its half-row maxima to smem [barrier X], takes the max of both
 //   halves (identical in both warpgroups), runs the fp32 online softmax on its half (exp2, scale
@@ -24,8 +25,8 @@
 //   second release (either warpgroup's leader) issues the TMA of page k + 2 into that stage.
 //
 // Pipeline ordering and synchronisation (who waits for what):
-//   * full barrier [stage][box], count 1: the issuing leader arrives with expect_tx(8192) and
-//     the TMA completes the transactions; consumers wait with parity (k / 2) & 1 (k-th page
+//   * full barrier [stage][load group], count 1: the issuing leader arrives with expect_tx (the
+//     group's bytes) and the TMA completes the transactions; consumers wait with parity (k / 2) & 1 (k-th page
 //     is the (k/2)-th use of its stage). A page whose block-table entry is out of range is not
 //     loaded: the leader arrives without tx, and the consumers skip its math.
 //   * release counter [stage] (smem u32, atomicAdd): both warpgroups add 1 after finishing page
@@ -51,7 +52,7 @@
 //     __syncthreads precedes the first wgmma on the new Q (finish_q_load).
 //
 // Shared memory: Q 72 KB + 2 x 72 KB K stages + P 8 KB + row max / sums 1 KB + barriers
-// = 230,552 B (+1 KB alignment slack = 231,576 B of the 232,448 B limit).
+// = 230,456 B (+1 KB alignment slack = 231,480 B of the 232,448 B limit).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -65,7 +66,7 @@ namespace hopper {
 
 template <bool kBf16>
 __global__ void __launch_bounds__(kThreads, 1)
-    mla_decode_hopper_kernel(const __grid_constant__ CUtensorMap kv_map,
+    mla_decode_hopper_kernel(const __grid_constant__ KvTensorMaps kv_maps,
                              const __grid_constant__ MlaDecodeParams p) {
   using Mma = Wgmma<kBf16>;
 
@@ -93,9 +94,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t* release = reinterpret_cast<uint32_t*>(smem + kSmemRelease);
 
   if (tid == 0) {
-    prefetch_tensor_map(&kv_map);
+    prefetch_tensor_map(&kv_maps.v_half);
+    prefetch_tensor_map(&kv_maps.rope);
 #pragma unroll
-    for (int i = 0; i < kNumKStages * kNumBoxesQK; ++i) mbar_init(bar_addr + i * 8, 1);
+    for (int i = 0; i < kNumKStages * kLoadGroups; ++i) mbar_init(bar_addr + i * 8, 1);
     release[0] = 0;
     release[1] = 0;
     mbar_init_fence();
@@ -113,7 +115,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int st = 0; st < kNumKStages; ++st) {
       if (cursor_has_page(cur)) {
         if (wg == 0)
-          issue_boxes(&kv_map, p, cur, st, 0, kNumBoxesQK, k_addr, bar_addr, kvh, policy);
+          issue_groups(kv_maps, p, cur, st, kWholePage, k_addr, bar_addr, kvh, policy);
         cursor_advance(cur, p, pt);
       }
     }
@@ -159,7 +161,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int stage = k & 1;
       const uint32_t parity = (k >> 1) & 1;
       const uint32_t kst = k_addr + stage * kTileBytes;
-      const uint32_t bars = bar_addr + stage * kNumBoxesQK * 8;
       const bool page_ok = readable(p, block_table_row(p, s, page));
       const int base = page * kPageSize;  // first token of the page
 
@@ -177,10 +178,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_regs(sacc);
 #pragma unroll
         for (int box = 0; box < kNumBoxesQK; ++box) {
-          mbar_wait(bars + box * 8, parity);
-          // The wait is a loop (control flow) between wgmmas: fence here, as ptxas would
-          // otherwise inject it itself (C7519); the first one also orders the sacc writes.
-          wgmma_fence();
+          if (box % kBoxesPerWarpgroupV == 0) {  // the first box of its load group
+            mbar_wait(group_barrier(bar_addr, stage, load_group_of_box(box)), parity);
+            // The wait is a loop (control flow) between wgmmas: fence here, as ptxas would
+            // otherwise inject it itself (C7519); the first one also orders the sacc writes.
+            wgmma_fence();
+          }
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) {
             const uint32_t off = box * kBoxBytes + kk * 32;
@@ -326,7 +329,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         // Unreadable page: complete our view of the stage's phase, skip the math, and poison
         // every row that would have seen one of its tokens.
 #pragma unroll
-        for (int box = 0; box < kNumBoxesQK; ++box) mbar_wait(bars + box * 8, parity);
+        for (int group = 0; group < kLoadGroups; ++group)
+          mbar_wait(group_barrier(bar_addr, stage, group), parity);
 #pragma unroll
         for (int i = 0; i < 2; ++i) poisoned[i] = poisoned[i] || base < lim[i];
       }
@@ -339,7 +343,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (cursor_has_page(cur)) {
           if (old & 1u) {
             __threadfence_block();
-            issue_boxes(&kv_map, p, cur, stage, 0, kNumBoxesQK, k_addr, bar_addr, kvh, policy);
+            issue_groups(kv_maps, p, cur, stage, kWholePage, k_addr, bar_addr, kvh, policy);
           }
           cursor_advance(cur, p, pt);
         }
@@ -373,13 +377,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-cudaError_t launch_split_scores(const CUtensorMap& kv_map, const MlaDecodeParams& params,
+cudaError_t launch_split_scores(const KvTensorMaps& kv_maps, const MlaDecodeParams& params,
                                 bool bf16, dim3 grid, cudaStream_t stream) {
   auto kernel = bf16 ? mla_decode_hopper_kernel<true> : mla_decode_hopper_kernel<false>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(kv_map, params);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(kv_maps, params);
   return cudaGetLastError();
 }
 

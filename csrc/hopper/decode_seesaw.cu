@@ -33,12 +33,13 @@
 // sums are kept per warpgroup (each rescaled with its own O) and added in the epilogue.
 //
 // Pipeline ordering and synchronisation:
-//   * full barrier [stage][box], count 1, parity (k / 2) & 1 for the k-th page of the CTA's flat
-//     page stream (stage k % 2), as in decode_hopper.cu. A page's owner waits all nine boxes
-//     for S, the other warpgroup waits its four V boxes before its P·V. The next pair's pages
-//     use the same stages as this pair's (k + 2, k + 3): the pair body is compiled once per
-//     stage of c, so every shared-memory address in it is a compile-time offset.
-//   * a stage is re-armed box group by box group as soon as its last reader is done, by the
+//   * full barrier [stage][load group] (V half 0, V half 1, RoPE box), count 1, parity (k / 2) & 1
+//     for the k-th page of the CTA's flat page stream (stage k % 2), as in decode_hopper.cu. A
+//     page's owner waits all three groups for S, the other warpgroup waits its V half before
+//     its P·V. The next pair's pages use the same stages as this pair's (k + 2, k + 3): the
+//     pair body is compiled once per stage of c, so every shared-memory address in it is a
+//     compile-time offset.
+//   * a stage is re-armed load group by load group as soon as its last reader is done, by the
 //     leader thread of the warpgroup that reads it last: page c's V half 0 by WG0 after
 //     P_c V_c,L; page c's V half 1 and RoPE box by WG1 after P_c V_c,R (with P_d V_d,R still in
 //     flight); page d's V half 1 by WG1 after P_d V_d,R; page d's V half 0 and RoPE box (P_d)
@@ -68,7 +69,7 @@
 //     finish_q_load completes them.
 //
 // Shared memory: Q 72 KB + 2 x 72 KB K stages + WG0's P tile 8 KB + row maxima / sums 1 KB +
-// barriers + the two load cursors = 230,568 B (+1 KB alignment slack).
+// barriers + the two load cursors = 230,480 B (+1 KB alignment slack).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -87,15 +88,17 @@ constexpr int kPageScores = kBlockN / 2;  // fp32 registers per thread for a 64 
 constexpr int kPFragRegs = kBlockN / 4;   // 32-bit registers per thread for a 64 x 64 P
 
 // Issues steps [kFirstStep, kEndStep) of S = Q K^T for the 64 tokens of the page in K stage
-// kStage (k = 576: 9 boxes of 4 k16 steps, one step per box here) as one commit group, each box
-// as soon as its TMA landed, in the order: half kOwnHalf of V, the RoPE box, the other half. The
-// caller waits for the group. Every operand address is a compile-time offset from the
-// shared-memory base, so the descriptors are one uniform register plus immediates (with the
-// stage a runtime value, ptxas rebuilt each in ordinary registers: ~8 instructions and ~6 live
-// registers per wgmma).
+// kStage (k = 576: 9 boxes of 4 k16 steps, one step per box here) as one commit group, each load
+// group as soon as its TMA landed, in the order: half kOwnHalf of V, the RoPE box, the other
+// half. The caller waits for the commit group. Every operand address is a compile-time offset
+// from the shared-memory base, so the descriptors are one uniform register plus immediates (with
+// the stage a runtime value, ptxas rebuilt each in ordinary registers: ~8 instructions and ~6
+// live registers per wgmma).
 template <bool kBf16, int kStage, int kOwnHalf, int kFirstStep = 0, int kEndStep = kNumBoxesQK>
 __device__ __forceinline__ void issue_page_scores(float (&s)[kPageScores], uint64_t desc_base,
                                                   uint32_t bar_addr, uint32_t parity) {
+  static_assert(kFirstStep == 0 || kFirstStep == kBoxesPerWarpgroupV,
+                "a commit group starts at the first box of a load group");
   if constexpr (kFirstStep == 0) {
 #pragma unroll
     for (int i = 0; i < kPageScores; ++i) s[i] = 0.f;
@@ -107,9 +110,11 @@ __device__ __forceinline__ void issue_page_scores(float (&s)[kPageScores], uint6
                     : step == kBoxesPerWarpgroupV    ? seesaw::kRopeBox
                                                      : (1 - kOwnHalf) * kBoxesPerWarpgroupV +
                                                         step - kBoxesPerWarpgroupV - 1;
-    mbar_wait(bar_addr + (kStage * kNumBoxesQK + box) * 8, parity);
-    // The wait is a loop between wgmmas: fence here, as ptxas would otherwise insert it.
-    wgmma_fence();
+    if (box % kBoxesPerWarpgroupV == 0) {  // the first box of its load group
+      mbar_wait(group_barrier(bar_addr, kStage, load_group_of_box(box)), parity);
+      // The wait is a loop between wgmmas: fence here, as ptxas would otherwise insert it.
+      wgmma_fence();
+    }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const uint32_t off = box * kBoxBytes + kk * 32;
@@ -162,9 +167,9 @@ __device__ __forceinline__ void first_page_scores(float (&s)[kPageScores], bool 
     fence_regs(s);
   } else {
     masked_scores(s);
-    // Completed by a plain arrival; waited all the same, so that every phase of every box is
-    // consumed before the box is re-armed (the V halves are waited before their P V).
-    mbar_wait(bar_addr + (kStage * kNumBoxesQK + seesaw::kRopeBox) * 8, parity);
+    // Completed by a plain arrival; waited all the same, so that every phase of every group is
+    // consumed before the group is re-armed (the V halves are waited before their P V).
+    mbar_wait(group_barrier(bar_addr, kStage, kGroupRope), parity);
     named_barrier_arrive(seesaw::kScoresQueuedId, kThreads);  // D
     wgmma_wait<0>();
     while_in_flight();
@@ -345,14 +350,13 @@ __device__ __forceinline__ void issue_pv_from_tile(float (&o)[128], uint32_t p_t
   }
 }
 
-// Waits for this warpgroup's V half of a page, then, if `zero`, zeroes its rows from
-// `first_past_end` on (made visible to the wgmmas by the fence here and a warpgroup barrier).
-__device__ __forceinline__ void prepare_v_half(uint32_t stage_addr, uint32_t bars,
+// Waits for this warpgroup's V half of the page in `stage`, then, if `zero`, zeroes its rows
+// from `first_past_end` on (made visible to the wgmmas by the fence here and a warpgroup
+// barrier).
+__device__ __forceinline__ void prepare_v_half(uint32_t stage_addr, uint32_t bar_addr, int stage,
                                                uint32_t parity, int wg, int wtid, bool zero,
                                                int first_past_end) {
-#pragma unroll
-  for (int b = 0; b < kBoxesPerWarpgroupV; ++b)
-    mbar_wait(bars + (wg * kBoxesPerWarpgroupV + b) * 8, parity);
+  mbar_wait(group_barrier(bar_addr, stage, kGroupVHalf0 + wg), parity);
   if (zero) {
     zero_tail_rows(stage_addr + wg * kBoxesPerWarpgroupV * kBoxBytes, kBoxesPerWarpgroupV,
                    first_past_end, wtid);
@@ -363,7 +367,7 @@ __device__ __forceinline__ void prepare_v_half(uint32_t stage_addr, uint32_t bar
 
 template <bool kBf16>
 __global__ void __launch_bounds__(kThreads, 1)
-    mla_decode_seesaw_kernel(const __grid_constant__ CUtensorMap kv_map,
+    mla_decode_seesaw_kernel(const __grid_constant__ KvTensorMaps kv_maps,
                              const __grid_constant__ MlaDecodeParams p) {
   const int tid = threadIdx.x;
   // 0 or 1: which 256 output columns, which page of a pair. Broadcast from lane 0 so that the
@@ -390,9 +394,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t bar_addr = base_addr + seesaw::kSmemBar;
 
   if (tid == 0) {
-    prefetch_tensor_map(&kv_map);
+    prefetch_tensor_map(&kv_maps.v_half);
+    prefetch_tensor_map(&kv_maps.rope);
 #pragma unroll
-    for (int i = 0; i < kNumKStages * kNumBoxesQK; ++i) mbar_init(bar_addr + i * 8, 1);
+    for (int i = 0; i < kNumKStages * kLoadGroups; ++i) mbar_init(bar_addr + i * 8, 1);
     mbar_init_fence();
   }
   __syncthreads();  // barriers initialised and visible before anyone arrives or waits
@@ -408,17 +413,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int st = 0; st < kNumKStages; ++st) {
       if (cursor_has_page(cur)) {
         if (wg == 0)
-          issue_boxes(&kv_map, p, cur, st, 0, kNumBoxesQK, k_addr, bar_addr, kvh,
-                      page_load_policy());
+          issue_groups(kv_maps, p, cur, st, kWholePage, k_addr, bar_addr, kvh,
+                       page_load_policy());
         cursor_advance(cur, p, pt);
       }
     }
   }
-  // Re-arms `count` boxes from `first` of `stage` for the cursor's page (leader only).
-  auto reload = [&](int stage, int first, int count) {
+  // Re-arms the load groups `groups` of `stage` for the cursor's page (leader only).
+  auto reload = [&](int stage, uint32_t groups) {
     if (leader && cursor_has_page(cur))
-      issue_boxes(&kv_map, p, cur, stage, first, count, k_addr, bar_addr, kvh,
-                  page_load_policy());
+      issue_groups(kv_maps, p, cur, stage, groups, k_addr, bar_addr, kvh, page_load_policy());
   };
   auto next_page = [&]() {
     if (leader && cursor_has_page(cur)) cursor_advance(cur, p, pt);
@@ -521,8 +525,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         constexpr int kStageD = kStageC ^ 1;
         const uint32_t kst_c = k_addr + kStageC * kTileBytes;
         const uint32_t kst_d = k_addr + kStageD * kTileBytes;
-        const uint32_t bars_c = bar_addr + kStageC * kNumBoxesQK * 8;
-        const uint32_t bars_d = bar_addr + kStageD * kNumBoxesQK * 8;
         const uint32_t p_box_d = kst_d + seesaw::kRopeBox * kBoxBytes;  // P_d for WG0 after S_d
         if (wg == 0) {
           // ---- softmax of page c (over WG1's scores of page d), m_c and P_c to WG1 (A) ----
@@ -555,7 +557,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rsum[i];
           scale_rows(o, alpha);
           if (tail_c || !ok_c) {
-            prepare_v_half(kst_c, bars_c, parity_c, wg, wtid, true, zero_from_c);
+            prepare_v_half(kst_c, bar_addr, kStageC, parity_c, wg, wtid, true, zero_from_c);
           } else {
             named_barrier_sync(1 + wg, kWarpgroupThreads);  // the whole P tile is stored
           }
@@ -575,14 +577,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_wait<0>();  // P_c V_c,L done
           fence_regs(o);
           named_barrier_sync(1 + wg, kWarpgroupThreads);
-          reload(kStageC, 0, kBoxesPerWarpgroupV);  // page c's V half 0 -> page c + 2
+          reload(kStageC, group_bit(kGroupVHalf0));  // page c's V half 0 -> page c + 2
           if (last_pair && more_seqs && pair) {  // S_c and S_d (before B) are done
             start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
           }
           scale_rows(o, beta);
           if (pair) {
             // ---- O_L += P_d V_d,L, then (behind it) the next pair's S_c ----
-            prepare_v_half(kst_d, bars_d, parity_d, wg, wtid, tail_d || !ok_d, zero_from_d);
+            prepare_v_half(kst_d, bar_addr, kStageD, parity_d, wg, wtid, tail_d || !ok_d, zero_from_d);
             issue_pv_from_tile<kBf16>(o, p_box_d, kst_d + v_half);
             wgmma_commit();
             // The cursor moves on to page d + 2 here, with P_d V_d,L queued: the leader's other
@@ -593,8 +595,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             auto release_page_d = [&] {
               fence_regs(o);
               named_barrier_sync(1 + wg, kWarpgroupThreads);
-              reload(kStageD, 0, kBoxesPerWarpgroupV);  // -> page d + 2
-              reload(kStageD, seesaw::kRopeBox, 1);
+              reload(kStageD, group_bit(kGroupVHalf0) | group_bit(kGroupRope));  // -> page d + 2
             };
             if (!last_pair) {
               // The cursor moves on once the scores are queued, off the way to them.
@@ -653,27 +654,27 @@ __global__ void __launch_bounds__(kThreads, 1)
           // P_c's first, so that page c's last boxes are re-armed one P V earlier: the next S_c
           // waits for them. Each branch waits for its own wgmmas: one in flight across the merge
           // would make ptxas serialise them all (C7520).
-          prepare_v_half(kst_c, bars_c, parity_c, wg, wtid, tail_c || !ok_c, zero_from_c);
+          prepare_v_half(kst_c, bar_addr, kStageC, parity_c, wg, wtid, tail_c || !ok_c, zero_from_c);
           issue_pv<kBf16>(o, pc, kst_c + v_half);
           wgmma_commit();
           if (pair) {
-            prepare_v_half(kst_d, bars_d, parity_d, wg, wtid, tail_d || !ok_d, zero_from_d);
+            prepare_v_half(kst_d, bar_addr, kStageD, parity_d, wg, wtid, tail_d || !ok_d, zero_from_d);
             issue_pv<kBf16>(o, pd, kst_d + v_half);
             wgmma_commit();
             wgmma_wait<1>();  // P_c V_c,R done
             named_barrier_sync(1 + wg, kWarpgroupThreads);
-            reload(kStageC, kBoxesPerWarpgroupV, kBoxesPerWarpgroupV + 1);  // V half 1 + RoPE -> c + 2
+            reload(kStageC, group_bit(kGroupVHalf1) | group_bit(kGroupRope));  // -> page c + 2
             next_page();
             wgmma_wait<0>();
             fence_regs(o);
             named_barrier_sync(1 + wg, kWarpgroupThreads);
-            reload(kStageD, kBoxesPerWarpgroupV, kBoxesPerWarpgroupV);  // V half 1 -> page d + 2
+            reload(kStageD, group_bit(kGroupVHalf1));  // V half 1 -> page d + 2
             next_page();
           } else {
             wgmma_wait<0>();
             fence_regs(o);
             named_barrier_sync(1 + wg, kWarpgroupThreads);
-            reload(kStageC, kBoxesPerWarpgroupV, kBoxesPerWarpgroupV + 1);  // V half 1 + RoPE -> c + 2
+            reload(kStageC, group_bit(kGroupVHalf1) | group_bit(kGroupRope));  // -> page c + 2
             next_page();
           }
           // The next sequence's Q: S_c (before A) and S_d were its last readers. Here rather
@@ -719,13 +720,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 }  // namespace
 
-cudaError_t launch_seesaw(const CUtensorMap& kv_map, const MlaDecodeParams& params, bool bf16,
+cudaError_t launch_seesaw(const KvTensorMaps& kv_maps, const MlaDecodeParams& params, bool bf16,
                           dim3 grid, cudaStream_t stream) {
   auto kernel = bf16 ? mla_decode_seesaw_kernel<true> : mla_decode_seesaw_kernel<false>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, seesaw::kSmemBytes);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, seesaw::kSmemBytes, stream>>>(kv_map, params);
+  kernel<<<grid, kThreads, seesaw::kSmemBytes, stream>>>(kv_maps, params);
   return cudaGetLastError();
 }
 

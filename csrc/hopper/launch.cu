@@ -57,9 +57,9 @@ cudaError_t launch_decode_hopper(const MlaDecodeParams& params, cudaStream_t str
     return cudaSuccess;  // nothing to compute
   }
   const bool bf16 = params.dtype == ElementType::kBFloat16;
-  CUtensorMap kv_map;
-  if (!hopper::make_kv_tensor_map(&kv_map, params.k_cache, params.q, params.num_pages,
-                                  params.num_heads_kv, bf16)) {
+  hopper::KvTensorMaps kv_maps;
+  if (!hopper::make_kv_tensor_maps(&kv_maps, params.k_cache, params.q, params.num_pages,
+                                   params.num_heads_kv, bf16)) {
     return cudaErrorInvalidValue;
   }
   const dim3 grid((params.rows_per_kv + hopper::kBlockM - 1) / hopper::kBlockM,
@@ -67,8 +67,8 @@ cudaError_t launch_decode_hopper(const MlaDecodeParams& params, cudaStream_t str
   // Kernel attributes are per-device, host-side settings (no stream work): safe under graph
   // capture.
   return hopper::choose_schedule(params) == hopper::Schedule::kSeesaw
-             ? hopper::launch_seesaw(kv_map, params, bf16, grid, stream)
-             : hopper::launch_split_scores(kv_map, params, bf16, grid, stream);
+             ? hopper::launch_seesaw(kv_maps, params, bf16, grid, stream)
+             : hopper::launch_split_scores(kv_maps, params, bf16, grid, stream);
 }
 
 }  // namespace jax_flashmla

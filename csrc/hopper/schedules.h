@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include "mla_params.h"
+#include "tma.h"
 
 namespace jax_flashmla {
 namespace hopper {
@@ -20,9 +21,9 @@ enum class Schedule { kSplitScores, kSeesaw };
 // testing both schedules with one build.
 Schedule choose_schedule(const MlaDecodeParams& params);
 
-cudaError_t launch_split_scores(const CUtensorMap& kv_map, const MlaDecodeParams& params,
+cudaError_t launch_split_scores(const KvTensorMaps& kv_maps, const MlaDecodeParams& params,
                                 bool bf16, dim3 grid, cudaStream_t stream);
-cudaError_t launch_seesaw(const CUtensorMap& kv_map, const MlaDecodeParams& params, bool bf16,
+cudaError_t launch_seesaw(const KvTensorMaps& kv_maps, const MlaDecodeParams& params, bool bf16,
                           dim3 grid, cudaStream_t stream);
 
 }  // namespace hopper

@@ -21,6 +21,21 @@ constexpr int kBoxBytes = kBlockN * kBoxCols * 2;    // 8192 (64 rows x 128 B)
 constexpr int kTileBytes = kNumBoxesQK * kBoxBytes;  // 73728: one 64 x 576 tile
 constexpr int kNumKStages = 2;                       // K/V page buffers (double buffering)
 
+// A page is loaded in three groups, each one TMA instruction completing one full barrier: the two
+// V halves (boxes 0-3 and 4-7, the columns each warpgroup's P V reads) and the RoPE box (box 8,
+// read by S only). Group g's barrier of stage st is barrier kLoadGroups * st + g.
+constexpr int kGroupVHalf0 = 0;
+constexpr int kGroupVHalf1 = 1;
+constexpr int kGroupRope = 2;
+constexpr int kLoadGroups = 3;
+static_assert(kNumBoxesQK == kNumBoxesV + 1 && kGroupRope * kBoxesPerWarpgroupV == kNumBoxesV,
+              "boxes 4g..4g+3 are V half g, box 8 the RoPE box");
+// The group that box b (0..8) is loaded with.
+constexpr int load_group_of_box(int box) { return box / kBoxesPerWarpgroupV; }
+// Sets of groups to load, as bit masks.
+constexpr uint32_t group_bit(int group) { return 1u << group; }
+constexpr uint32_t kWholePage = (1u << kLoadGroups) - 1;
+
 // Shared memory (offsets from a 1024-aligned base; every box is 1024-aligned, as the 128B
 // swizzle atoms and the wgmma descriptors with base offset 0 require):
 //   [0, 73728)            Q tile, 9 boxes of 64 rows x 64 cols, 128B-swizzled
@@ -28,15 +43,15 @@ constexpr int kNumKStages = 2;                       // K/V page buffers (double
 //   [221184, 229376)      P tile (64 rows x 64 tokens, 16-bit, 128B-swizzled)
 //   [229376, +512)        row maxima [warpgroup][64] (fp32)
 //   [229888, +512)        row sums [warpgroup][64] (fp32)
-//   [230400, +144)        full barriers, [stage][box] (u64 each)
-//   [230544, +8)          release counters, one u32 per stage
+//   [230400, +48)         full barriers, [stage][load group] (u64 each)
+//   [230448, +8)          release counters, one u32 per stage
 constexpr int kSmemQ = 0;
 constexpr int kSmemK = kSmemQ + kTileBytes;
 constexpr int kSmemP = kSmemK + kNumKStages * kTileBytes;
 constexpr int kSmemRowMax = kSmemP + kBoxBytes;
 constexpr int kSmemRowSum = kSmemRowMax + 2 * kBlockM * 4;
 constexpr int kSmemBar = kSmemRowSum + 2 * kBlockM * 4;
-constexpr int kSmemRelease = kSmemBar + kNumKStages * kNumBoxesQK * 8;
+constexpr int kSmemRelease = kSmemBar + kNumKStages * kLoadGroups * 8;
 constexpr int kSmemUsed = kSmemRelease + kNumKStages * 4;
 constexpr int kSmemAlign = 1024;
 constexpr int kSmemBytes = kSmemUsed + kSmemAlign;  // slack to align the dynamic base
@@ -60,15 +75,15 @@ constexpr int kCtaBarrierId = 3;  // named barrier over all 256 threads (the exc
 //   [221184, 229376)      warpgroup 0's P tile (first page of a pair)
 //   [229376, +512)        row maxima [pair position][64] (fp32)
 //   [229888, +512)        row sums [warpgroup][64] (fp32)
-//   [230400, +144)        full barriers, [stage][box]
-//   [230544, +32)         the two leaders' load cursors (LoadCursor, 16 bytes each)
+//   [230400, +48)         full barriers, [stage][load group]
+//   [230448, +32)         the two leaders' load cursors (LoadCursor, 16 bytes each)
 namespace seesaw {
 constexpr int kRopeBox = kNumBoxesQK - 1;  // box 8: columns 512..575, used by S only
 constexpr int kSmemFirstP = kSmemK + kNumKStages * kTileBytes;
 constexpr int kSmemRowMax = kSmemFirstP + kBoxBytes;
 constexpr int kSmemRowSum = kSmemRowMax + 2 * kBlockM * 4;
 constexpr int kSmemBar = kSmemRowSum + 2 * kBlockM * 4;
-constexpr int kSmemCursors = kSmemBar + kNumKStages * kNumBoxesQK * 8;
+constexpr int kSmemCursors = kSmemBar + kNumKStages * kLoadGroups * 8;
 constexpr int kSmemUsed = kSmemCursors + 2 * 4 * 4;
 constexpr int kSmemBytes = kSmemUsed + kSmemAlign;
 static_assert(kSmemBytes <= 227 * 1024, "exceeds the sm_90 per-block shared memory limit");
