@@ -26,9 +26,9 @@
 //
 // Pipeline ordering and synchronisation (who waits for what):
 //   * full barrier [stage][load group], count 1: the issuing leader arrives with expect_tx (the
-//     group's bytes) and the TMA completes the transactions; consumers wait with parity (k / 2) & 1 (k-th page
-//     is the (k/2)-th use of its stage). A page whose block-table entry is out of range is not
-//     loaded: the leader arrives without tx, and the consumers skip its math.
+//     group's bytes) and the TMA completes the transactions; consumers wait with parity
+//     (k / 2) & 1 (k-th page is the (k/2)-th use of its stage). A page whose block-table entry is
+//     out of range is not loaded: the leader arrives without tx, and the consumers skip its math.
 //   * release counter [stage] (smem u32, atomicAdd): both warpgroups add 1 after finishing page
 //     k; the one that sees an odd old value is second and issues page k + 2. A stage is thus
 //     re-armed only after both consumers passed its wait, so a barrier never runs a phase
