@@ -7,7 +7,7 @@ s_q = 2, two KV heads, query tiles of more than 64 rows, needed block ids outsid
 negative and too-long lengths. Each case is also checked against the float64 oracle of
 tests/mla_cases.py, so a kernel that goes wrong without a memory fault still fails the run.
 
-    python tools/sanitize_cases.py [--implementations portable,hopper]
+    python tools/sanitize_cases.py [--implementations portable,hopper] [--case NAME ...]
 
 Exits 1 when any case mismatches the oracle; the sanitizer's verdict is in its own output.
 """
@@ -99,6 +99,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--implementations", default=None,
                         help="comma-separated kernel families (default: every one this GPU runs)")
+    parser.add_argument("--case", action="append", choices=[spec.name for spec in CASES],
+                        help="run only this case (repeatable; default: every case). Every case is "
+                             "still built, so a case's data does not depend on the selection.")
     args = parser.parse_args()
     if jax.devices()[0].platform != "gpu" or not jax_flashmla.cuda_extension_available():
         print("needs a CUDA GPU and jax_flashmla's compiled extension")
@@ -110,6 +113,8 @@ def main() -> int:
     rng = np.random.default_rng(0)
     for spec in CASES:
         case = build(spec, rng)
+        if args.case and spec.name not in args.case:
+            continue
         expected = oracle(case)
         for implementation in implementations:
             try:
