@@ -42,8 +42,11 @@ def mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v: int
     pages = k_cache[jnp.where(bad_page, 0, block_table)]                           # [b, P, 64, g, d]
     keys = pages.reshape(b, capacity, h_kv, d)
     keys = jnp.where(present[:, :, None, None], keys, jnp.zeros((), keys.dtype))
+    # A token of a bad page has a NaN key, so every row that sees it gets NaN scores, and a zero
+    # value, so that a row that does not see it (probability 0) stays finite: 0 * NaN is NaN.
+    values = jnp.where(bad_token[:, :, None, None], jnp.zeros((), keys.dtype),
+                       keys)[..., :head_dim_v]
     keys = jnp.where(bad_token[:, :, None, None], jnp.full((), jnp.nan, keys.dtype), keys)
-    values = keys[..., :head_dim_v]
 
     queries = q.reshape(b, s_q, h_kv, heads_per_kv, d)
     scores = jnp.einsum("btgkd,bsgd->bgkts", queries, keys,

@@ -86,6 +86,19 @@ def test_malformed_lengths_and_block_ids_give_nan_rows_only():
     assert_close(out, lse, *oracle(case), ml_dtypes.bfloat16)
 
 
+def test_a_bad_page_gives_nan_only_to_the_rows_that_see_it():
+    # Causal, s_q 2: the first query token sees tokens 0..63 of a 65-token sequence, the second
+    # also token 64, the only one on page 1.
+    rng = np.random.default_rng(6)
+    case = make_case(rng, batch=2, seqlen_q=2, heads_q=4, lengths=[65, 65], causal=True)
+    case.block_table[1, 1] = -1
+    out, lse = run(case)
+    out, lse = np.asarray(out, np.float32), np.asarray(lse)
+    assert np.isfinite(out[:, 0]).all() and np.isfinite(lse[:, :, 0]).all()
+    assert np.isfinite(out[0]).all() and np.isnan(out[1, 1]).all() and np.isnan(lse[1, :, 1]).all()
+    assert_close(out, lse, *oracle(case), ml_dtypes.bfloat16)
+
+
 def test_custom_softmax_scale_is_applied():
     rng = np.random.default_rng(5)
     case = make_case(rng, batch=2, seqlen_q=1, heads_q=4, lengths=[100, 30], softmax_scale=0.3)
