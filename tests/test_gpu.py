@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jax_flashmla
+from jax_flashmla._extension import SCHEDULE_VARIABLE, hopper_schedule
 from jax_flashmla._reference import tile_scheduler_reference
 from mla_cases import assert_close, make_case, oracle, random_lengths
 
@@ -177,6 +178,37 @@ def test_faulty_lengths_and_block_ids_give_nan_rows_and_stay_in_bounds(kernel):
     case.block_table[3, 2] = -7
     case.block_table[5, 10] = case.k_cache.shape[0] + 3
     assert_close(*run(case, kernel), *oracle(case), ml_dtypes.bfloat16)
+
+
+def test_faulty_block_ids_and_lengths_with_several_query_tiles_give_nan_rows(kernel, monkeypatch):
+    # Two 64-row query tiles per KV head: the Hopper kernel's seesaw schedule, which takes pages
+    # in pairs and loads them in groups re-armed by either warpgroup. The bad entries fall on a
+    # pair's first page, its second, both (three bad pages in a row hold a whole pair and a mixed
+    # one, wherever the partitions begin), a sequence's first page, and a last page only the
+    # second query token sees (its first row stays finite). Sequence 2 has no fault: its rows must
+    # come out right after the faulty ones' pages went through the same stages.
+    monkeypatch.delenv(SCHEDULE_VARIABLE, raising=False)
+    rng = np.random.default_rng()
+    batch, seqlen_q, heads_q, num_sm_parts = 6, 2, 64, 8
+    case = make_case(rng, batch=batch, seqlen_q=seqlen_q, heads_q=heads_q, causal=True,
+                     lengths=[900, 1300, 1000, 700, 513, 300])
+    num_pages = case.k_cache.shape[0]
+    capacity = case.block_table.shape[1] * 64
+    case.block_table[0, 2] = -7
+    case.block_table[1, 6:9] = [num_pages, -1, num_pages + 5]
+    case.block_table[3, [0, 10]] = [-2, 1 << 20]
+    case.block_table[4, 8] = -3  # holds token 512 alone, past the first query token's limit
+    case.cache_seqlens[5] = capacity + 64
+    rows_per_kv = seqlen_q * heads_q
+    assert hopper_schedule(batch, rows_per_kv, case.block_table.shape[1], num_pages,
+                           num_sm_parts) == "seesaw"  # the situation under test
+    metadata, splits = jax_flashmla.get_mla_metadata(case.cache_seqlens, rows_per_kv, 1,
+                                                     num_sm_parts=num_sm_parts)
+    out, lse = run(case, kernel, metadata, splits)
+    want_out, want_lse = oracle(case)
+    assert np.isfinite(want_out[2]).all() and np.isfinite(want_out[4, 0]).all()
+    assert np.isnan(want_out[4, 1]).all()
+    assert_close(out, lse, want_out, want_lse, ml_dtypes.bfloat16)
 
 
 def test_a_sequence_after_a_length_past_the_table_reads_its_own_queries(kernel):
