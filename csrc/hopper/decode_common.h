@@ -114,8 +114,8 @@ __device__ __forceinline__ uint32_t group_barrier(uint32_t bar_addr, int stage, 
 // issues their loads for the cursor's page, one TMA instruction per group. A page whose
 // block-table entry lies outside [0, num_pages) is never read: plain arrivals complete the
 // phases, and the consumers see the same entry and skip its math. Every call's mask is a
-// compile-time constant once inlined, so the loops disappear: the leader's issue was ~10
-// instructions per 64-column box before the groups (20 as a rolled loop; kernel-notes.md).
+// compile-time constant once inlined, so the loops disappear and a group costs the leader one
+// arrive.expect_tx and one TMA instruction (kernel-notes.md, v1.8).
 __device__ __forceinline__ void issue_groups(const KvTensorMaps& maps, const MlaDecodeParams& p,
                                              const LoadCursor& c, int stage, uint32_t groups,
                                              uint32_t k_addr, uint32_t bar_addr, int kvh,
