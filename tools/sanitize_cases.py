@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import pathlib
 import sys
+import time
 
 import jax
 import ml_dtypes
@@ -117,13 +118,19 @@ def main() -> int:
             continue
         expected = oracle(case)
         for implementation in implementations:
+            # The case's name goes out before it runs and its time after, so that a log cut off
+            # by a time limit tells a slow case (the sanitizer slows kernels a hundredfold, and
+            # the first call of a process also pays its instrumentation of the module) from one
+            # that never returned.
+            print(f"{implementation:9s} {spec.name:32s} ", end="", flush=True)
+            start = time.perf_counter()
             try:
                 assert_close(*run_case(spec, case, implementation), *expected, spec.dtype)
                 verdict = "ok"
             except AssertionError as error:
                 failures += 1
                 verdict = "MISMATCH " + str(error).strip().splitlines()[0]
-            print(f"{implementation:9s} {spec.name:32s} {verdict}", flush=True)
+            print(f"{verdict} ({time.perf_counter() - start:.0f} s)", flush=True)
     print(f"{failures} case(s) mismatched the oracle")
     return 1 if failures else 0
 
