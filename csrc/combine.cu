@@ -53,6 +53,13 @@ __device__ float warp_sum(float value) {
   return value;
 }
 
+// The workspace row (o_accum / lse_accum) of query row `row` of KV head `kv_head` in piece slot
+// `slot`, as the main kernel's write_piece lays it out.
+__device__ __forceinline__ int64_t workspace_row(const MlaDecodeParams& params, int slot,
+                                                 int kv_head, int row) {
+  return (static_cast<int64_t>(slot) * params.num_heads_kv + kv_head) * params.rows_per_kv + row;
+}
+
 // A block takes kRowsPerBlock rows (kWarps: a row per warp; 1: the warps share the row's pieces).
 template <typename T, int kRowsPerBlock>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const MlaDecodeParams params) {
@@ -87,8 +94,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const MlaDecodeParams
 
   const bool slots_valid = first_slot >= 0 && first_slot + num_pieces <= params.num_slots;
   auto slot_row = [&](int piece) {
-    return (static_cast<int64_t>(first_slot + piece) * params.num_heads_kv + kv_head) *
-               params.rows_per_kv + row;
+    return workspace_row(params, first_slot + piece, kv_head, row);
   };
 
   // The row's statistics, computed by every warp of the row (lanes stride over the pieces).
@@ -231,8 +237,7 @@ __global__ void __launch_bounds__(kThreads) combine_pieces_kernel(const MlaDecod
                query_token;
   const bool slots_valid = first_slot >= 0 && first_slot + num_pieces <= params.num_slots;
   auto slot_row = [&](int piece) {
-    return (static_cast<int64_t>(first_slot + piece) * params.num_heads_kv + kv_head) *
-               params.rows_per_kv + row;
+    return workspace_row(params, first_slot + piece, kv_head, row);
   };
 
   // The row's statistics and its weighted sum, pass by pass (one pass up to 256 pieces). The sum
