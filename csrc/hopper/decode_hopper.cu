@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_regs(sacc);
 #pragma unroll
         for (int box = 0; box < kNumBoxesQK; ++box) {
-          if (box % kBoxesPerWarpgroupV == 0) {  // the first box of its load group
+          if (first_box_of_group(box)) {
             mbar_wait(group_barrier(bar_addr, stage, load_group_of_box(box)), parity);
             // The wait is a loop (control flow) between wgmmas: fence here, as ptxas would
             // otherwise inject it itself (C7519); the first one also orders the sacc writes.

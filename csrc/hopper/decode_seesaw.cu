@@ -79,7 +79,6 @@
 #include "schedules.h"
 #include "wgmma.h"
 
-
 namespace jax_flashmla {
 namespace hopper {
 namespace {
@@ -110,7 +109,7 @@ __device__ __forceinline__ void issue_page_scores(float (&s)[kPageScores], uint6
                     : step == kBoxesPerWarpgroupV    ? seesaw::kRopeBox
                                                      : (1 - kOwnHalf) * kBoxesPerWarpgroupV +
                                                         step - kBoxesPerWarpgroupV - 1;
-    if (box % kBoxesPerWarpgroupV == 0) {  // the first box of its load group
+    if (first_box_of_group(box)) {
       mbar_wait(group_barrier(bar_addr, kStage, load_group_of_box(box)), parity);
       // The wait is a loop between wgmmas: fence here, as ptxas would otherwise insert it.
       wgmma_fence();
@@ -419,8 +418,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-  // Re-arms the load groups `groups` of `stage` for the cursor's page (leader only).
-  auto reload = [&](int stage, uint32_t groups) {
+  // The warpgroup is done with the load groups `groups` of `stage` (every thread passed its
+  // wgmma wait or its stores): once all of its threads are here, the leader re-arms them for the
+  // cursor's page.
+  auto release = [&](int stage, uint32_t groups) {
+    named_barrier_sync(1 + wg, kWarpgroupThreads);
     if (leader && cursor_has_page(cur))
       issue_groups(kv_maps, p, cur, stage, groups, k_addr, bar_addr, kvh, page_load_policy());
   };
@@ -576,15 +578,15 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           wgmma_wait<0>();  // P_c V_c,L done
           fence_regs(o);
-          named_barrier_sync(1 + wg, kWarpgroupThreads);
-          reload(kStageC, group_bit(kGroupVHalf0));  // page c's V half 0 -> page c + 2
+          release(kStageC, group_bit(kGroupVHalf0));  // page c's V half 0 -> page c + 2
           if (last_pair && more_seqs && pair) {  // S_c and S_d (before B) are done
             start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);  // this WG's half
           }
           scale_rows(o, beta);
           if (pair) {
             // ---- O_L += P_d V_d,L, then (behind it) the next pair's S_c ----
-            prepare_v_half(kst_d, bar_addr, kStageD, parity_d, wg, wtid, tail_d || !ok_d, zero_from_d);
+            prepare_v_half(kst_d, bar_addr, kStageD, parity_d, wg, wtid, tail_d || !ok_d,
+                           zero_from_d);
             issue_pv_from_tile<kBf16>(o, p_box_d, kst_d + v_half);
             wgmma_commit();
             // The cursor moves on to page d + 2 here, with P_d V_d,L queued: the leader's other
@@ -594,8 +596,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             // Page d's V half 0 and RoPE box (P_d) are free once P_d V_d,L is done.
             auto release_page_d = [&] {
               fence_regs(o);
-              named_barrier_sync(1 + wg, kWarpgroupThreads);
-              reload(kStageD, group_bit(kGroupVHalf0) | group_bit(kGroupRope));  // -> page d + 2
+              release(kStageD, group_bit(kGroupVHalf0) | group_bit(kGroupRope));  // -> page d + 2
             };
             if (!last_pair) {
               // The cursor moves on once the scores are queued, off the way to them.
@@ -654,27 +655,26 @@ __global__ void __launch_bounds__(kThreads, 1)
           // P_c's first, so that page c's last boxes are re-armed one P V earlier: the next S_c
           // waits for them. Each branch waits for its own wgmmas: one in flight across the merge
           // would make ptxas serialise them all (C7520).
-          prepare_v_half(kst_c, bar_addr, kStageC, parity_c, wg, wtid, tail_c || !ok_c, zero_from_c);
+          prepare_v_half(kst_c, bar_addr, kStageC, parity_c, wg, wtid, tail_c || !ok_c,
+                         zero_from_c);
           issue_pv<kBf16>(o, pc, kst_c + v_half);
           wgmma_commit();
           if (pair) {
-            prepare_v_half(kst_d, bar_addr, kStageD, parity_d, wg, wtid, tail_d || !ok_d, zero_from_d);
+            prepare_v_half(kst_d, bar_addr, kStageD, parity_d, wg, wtid, tail_d || !ok_d,
+                           zero_from_d);
             issue_pv<kBf16>(o, pd, kst_d + v_half);
             wgmma_commit();
             wgmma_wait<1>();  // P_c V_c,R done
-            named_barrier_sync(1 + wg, kWarpgroupThreads);
-            reload(kStageC, group_bit(kGroupVHalf1) | group_bit(kGroupRope));  // -> page c + 2
+            release(kStageC, group_bit(kGroupVHalf1) | group_bit(kGroupRope));  // -> page c + 2
             next_page();
             wgmma_wait<0>();
             fence_regs(o);
-            named_barrier_sync(1 + wg, kWarpgroupThreads);
-            reload(kStageD, group_bit(kGroupVHalf1));  // V half 1 -> page d + 2
+            release(kStageD, group_bit(kGroupVHalf1));  // V half 1 -> page d + 2
             next_page();
           } else {
             wgmma_wait<0>();
             fence_regs(o);
-            named_barrier_sync(1 + wg, kWarpgroupThreads);
-            reload(kStageC, group_bit(kGroupVHalf1) | group_bit(kGroupRope));  // -> page c + 2
+            release(kStageC, group_bit(kGroupVHalf1) | group_bit(kGroupRope));  // -> page c + 2
             next_page();
           }
           // The next sequence's Q: S_c (before A) and S_d were its last readers. Here rather
@@ -685,7 +685,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             second_page_scores<kBf16, kStageD>(sp, readable(p, block_table_row(p, s, first + 3)),
                                                desc_base, bar_addr, parity_d ^ 1);
           } else if (!last_pair) {
-            named_barrier_sync(seesaw::kScoresQueuedId, kThreads);  // D (the next pair is a half pair)
+            // D (the next pair is a half pair)
+            named_barrier_sync(seesaw::kScoresQueuedId, kThreads);
           }
         }
       });

@@ -30,8 +30,10 @@ constexpr int kGroupRope = 2;
 constexpr int kLoadGroups = 3;
 static_assert(kNumBoxesQK == kNumBoxesV + 1 && kGroupRope * kBoxesPerWarpgroupV == kNumBoxesV,
               "boxes 4g..4g+3 are V half g, box 8 the RoPE box");
-// The group that box b (0..8) is loaded with.
+// The group that box b (0..8) is loaded with, and whether b is its group's first box (where a
+// consumer reading the boxes in order waits for the group).
 constexpr int load_group_of_box(int box) { return box / kBoxesPerWarpgroupV; }
+constexpr bool first_box_of_group(int box) { return box % kBoxesPerWarpgroupV == 0; }
 // Sets of groups to load, as bit masks.
 constexpr uint32_t group_bit(int group) { return 1u << group; }
 constexpr uint32_t kWholePage = (1u << kLoadGroups) - 1;
