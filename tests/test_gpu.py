@@ -200,8 +200,9 @@ def test_faulty_block_ids_and_lengths_with_several_query_tiles_give_nan_rows(ker
     case.block_table[4, 8] = -3  # holds token 512 alone, past the first query token's limit
     case.cache_seqlens[5] = capacity + 64
     rows_per_kv = seqlen_q * heads_q
-    assert hopper_schedule(batch, rows_per_kv, case.block_table.shape[1], num_pages,
-                           num_sm_parts) == "seesaw"  # the situation under test
+    if kernel == "hopper":  # the situation under test (None in a build without that kernel)
+        assert hopper_schedule(batch, rows_per_kv, case.block_table.shape[1], num_pages,
+                               num_sm_parts) == "seesaw"
     metadata, splits = jax_flashmla.get_mla_metadata(case.cache_seqlens, rows_per_kv, 1,
                                                      num_sm_parts=num_sm_parts)
     out, lse = run(case, kernel, metadata, splits)

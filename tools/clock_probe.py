@@ -77,12 +77,13 @@ def main() -> None:
     args = parser.parse_args()
     shape = bench.Shape(args.batch, args.seqlen, args.heads, args.seqlen_q)
     problem = bench.make_problem(shape)
-    metadata = jax_flashmla.get_mla_metadata(problem.cache_seqlens, shape.seqlen_q * shape.heads_q, 1)
+    # (metadata, num_splits), shared by every call
+    shared = jax_flashmla.get_mla_metadata(problem.cache_seqlens, shape.seqlen_q * shape.heads_q, 1)
     op = bench.decode_fn("hopper")
     timings = {
-        "chained": lambda: bench.calibrated_time_per_call(op, problem.cache_seqlens, metadata,
+        "chained": lambda: bench.calibrated_time_per_call(op, problem.cache_seqlens, shared,
                                                           problem.copies),
-        "traced": lambda: bench.traced_time_per_call(op, problem.cache_seqlens, metadata,
+        "traced": lambda: bench.traced_time_per_call(op, problem.cache_seqlens, shared,
                                                      problem.copies),
     }
     print(shape)
