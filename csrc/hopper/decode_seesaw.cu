@@ -188,7 +188,7 @@ __device__ __forceinline__ void second_page_scores(float (&s)[kPageScores], bool
     fence_regs(s);
   } else {
     masked_scores(s);
-    mbar_wait(bar_addr + (kStage * kNumBoxesQK + seesaw::kRopeBox) * 8, parity);  // as for WG0
+    mbar_wait(group_barrier(bar_addr, kStage, kGroupRope), parity);  // as for WG0
   }
 }
 
