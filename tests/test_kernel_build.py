@@ -71,3 +71,14 @@ def test_parser_reads_spills_and_serialisation_warnings(monkeypatch):
             report.spill_load_bytes, report.shared_bytes) == (255, 24, 12, 16, 1024)
     assert len(report.performance_warnings) == 1 and "C7520" in report.performance_warnings[0]
     assert ptxas_report.demangled_short(report.kernel) == "bar_kernel (bf16)"
+
+
+def test_wgmma_rate_probe_keeps_its_wgmmas_pipelined():
+    # tools/wgmma_rate.cu measures the tensor pipe; a serialised wgmma (or a spill) in one of its
+    # cases would make that case measure the compiler's fallback instead.
+    reports = ptxas_report.compile_report("tools/wgmma_rate.cu", "sm_90a")
+    assert len(reports) == 5, [r.kernel for r in reports]
+    offenders = [(r.kernel, r.performance_warnings, r.spill_store_bytes, r.spill_load_bytes)
+                 for r in reports
+                 if r.performance_warnings or r.spill_store_bytes or r.spill_load_bytes]
+    assert not offenders, offenders

@@ -1,0 +1,246 @@
+// Tensor-core ceilings of the seesaw kernel's wgmma mix, without its softmax, barriers and page
+// loads: how fast can the SMs run the instructions a page needs; does S with Q read from shared
+// memory (m64n64k16, both operands in shared memory) lose throughput that Q in registers would
+// not; how long a gap between a page's S and its P V the other warpgroup hides; and what bulk
+// copies at the page-load rate cost on top. kernel-notes.md ("Ceilings") has the numbers.
+//
+//   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -Icsrc \
+//     -o /tmp/wgmma_rate tools/wgmma_rate.cu && /tmp/wgmma_rate        (needs an sm_90 GPU)
+//
+// One CTA per SM, two warpgroups (a third warp would cap registers at 168: 16K per SM
+// sub-partition, three warps on one of them). Per iteration each warpgroup does what the seesaw
+// asks of it per page: S of one 64 x 64 page (36 x m64n64k16, k = 576) and its 256 columns of
+// P V for the two pages of a pair (8 x m64n256k16), then waits for them. Operands are zeros
+// (wgmma timing does not depend on values). Reported: TFLOPS by CUDA events, best of three.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <type_traits>
+
+#include "hopper/barrier.h"
+#include "hopper/traits.h"
+#include "hopper/wgmma.h"
+
+namespace jh = jax_flashmla::hopper;
+
+namespace {
+
+constexpr int kPagesPerRun = 512;
+// Page loads are stood in for by bulk copies of a zeroed buffer: 4 x 36 KB per iteration (the two
+// 72 KB pages of a pair), into the K tile and a scratch tile (overwriting K with the same zeros).
+constexpr int kCopySlots = 4;
+constexpr int kCopyBytes = 36 * 1024;
+constexpr int kSmemQ = 0;
+constexpr int kSmemK = jh::kTileBytes;
+constexpr int kSmemP = 2 * jh::kTileBytes;
+constexpr int kSmemScratch = kSmemP + 8192;
+constexpr int kSmemBar = kSmemScratch + jh::kTileBytes;
+constexpr int kSmemBytes = kSmemBar + 64 + 1024;  // + alignment slack
+
+enum ScoreForm { kScoresFromSmem, kScoresFromRegisters, kNoScores };
+enum ValueForm { kValuesMixed, kValuesFromRegisters, kNoValues };
+
+// m64n64k16 with A (Q) from registers and B (K) K-major in shared memory.
+__device__ __forceinline__ void qk64_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                        int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " JFM_WGMMA_D32_REGISTERS
+      ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"
+      "}\n"
+      : JFM_WGMMA_D32_OPERANDS
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+template <ScoreForm kScores, ValueForm kValues>
+__global__ void __launch_bounds__(256, 1)
+    rate_kernel(const uint8_t* copy_src, size_t copy_span, int softmax_cycles, float* sink) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = jh::smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023) & ~1023u;
+  const int tid = threadIdx.x;
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+  for (int i = tid; i < (kSmemBar + 64) / 4; i += blockDim.x)
+    reinterpret_cast<uint32_t*>(smem_raw + (base - raw))[i] = 0;
+  const uint32_t bar = base + kSmemBar;
+  if (tid == 0) {
+    for (int slot = 0; slot < kCopySlots; ++slot) jh::mbar_init(bar + 8 * slot, 1);
+    jh::mbar_init_fence();
+  }
+  __syncthreads();
+
+  const uint64_t desc_base_all = jh::make_smem_desc(base, 16, 1024);
+  const uint64_t desc_p = jh::make_smem_desc(base + kSmemP, 16, 1024);
+  float s[32];
+  float o[128];
+  uint32_t a[4] = {0, 0, 0, 0};    // P V's A fragment (P)
+  uint32_t a_q[4] = {0, 0, 0, 0};  // S's A fragment (Q), when from registers
+  // Opaque values: constants would be rematerialised into fresh registers per wgmma.
+#pragma unroll
+  for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[i]), "+r"(a_q[i]));
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = 0.f;
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");
+  // Each warpgroup's loop is straight-line code of its own (a wgmma under a condition that
+  // ptxas cannot prove uniform would be serialised), and nothing is in flight across its back
+  // edge; the two warpgroups overlap each other's waits, as in the decode kernels.
+  const bool copier = copy_src != nullptr && tid == 128;  // WG1's leader, as in the kernels
+  const uint8_t* src = copy_src + blockIdx.x * copy_span;
+  size_t offset = 0;
+  auto pages = [&](auto first_p_from_smem) {
+    for (int page = 0; page < kPagesPerRun; ++page) {
+      if (copier) {
+#pragma unroll
+        for (int slot = 0; slot < kCopySlots; ++slot) {
+          if (page > 0) jh::mbar_wait(bar + 8 * slot, (page - 1) & 1);
+          jh::mbar_arrive_expect_tx(bar + 8 * slot, kCopyBytes);
+          const uint32_t dst = base + (slot < 2 ? kSmemK : kSmemScratch) + (slot % 2) * kCopyBytes;
+          bulk_copy(dst, src + offset, kCopyBytes, bar + 8 * slot);
+          offset = (offset + kCopyBytes) % copy_span;
+        }
+      }
+      // Opaque per page, so that ptxas derives each descriptor from one register instead of
+      // hoisting all 36 (72 registers) out of the loop.
+      uint64_t desc_base = desc_base_all;
+      asm volatile("" : "+l"(desc_base));
+      jh::wgmma_fence();
+      if constexpr (kScores != kNoScores) {
+#pragma unroll
+        for (int step = 0; step < 36; ++step) {
+          const uint32_t off = (step / 4) * jh::kBoxBytes + (step % 4) * 32;
+          const uint64_t desc_k = jh::desc_advance(desc_base, kSmemK + off);
+          if constexpr (kScores == kScoresFromSmem) {
+            jh::Wgmma<true>::qk64(s, jh::desc_advance(desc_base, kSmemQ + off), desc_k,
+                                  step != 0);
+          } else {
+            qk64_rs(s, a_q, desc_k, step != 0);
+          }
+        }
+        jh::wgmma_commit();
+      }
+      if (softmax_cycles > 0) {  // a gap such as the softmax between a page's S and its P V
+        jh::wgmma_wait<0>();
+        const long long until = clock64() + softmax_cycles;
+        while (clock64() < until) {
+        }
+        jh::wgmma_fence();  // after the loop, as ptxas would otherwise insert it (C7519)
+      }
+      if constexpr (kValues != kNoValues) {
+        const uint32_t v_addr = base + kSmemK + wg * 4 * jh::kBoxBytes;
+#pragma unroll
+        for (int pv = 0; pv < 2; ++pv) {  // the two pages of a pair
+#pragma unroll
+          for (int v = 0; v < 4; ++v) {
+            const uint64_t desc_v = jh::make_smem_desc(v_addr + v * 2048, jh::kBoxBytes, 1024);
+            if constexpr (decltype(first_p_from_smem)::value) {
+              if (pv == 0) {
+                jh::Wgmma<true>::pv256_ss(o, jh::desc_advance(desc_p, v * 32), desc_v);
+                continue;
+              }
+            }
+            jh::Wgmma<true>::pv256_rs(o, a, desc_v);
+          }
+        }
+        jh::wgmma_commit();
+      }
+      jh::wgmma_wait<0>();
+      jh::fence_regs(s);
+      jh::fence_regs(o);
+    }
+    if (copier) {
+#pragma unroll
+      for (int slot = 0; slot < kCopySlots; ++slot)
+        jh::mbar_wait(bar + 8 * slot, (kPagesPerRun - 1) & 1);
+    }
+  };
+  if (wg == 0) {
+    pages(std::integral_constant<bool, kValues == kValuesMixed>());
+  } else {
+    pages(std::false_type());
+  }
+  if (tid == 0) {  // keeps the accumulators (and so the wgmmas) alive
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) sum += s[i];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) sum += o[i];
+    sink[blockIdx.x] = sum;
+  }
+}
+
+template <ScoreForm kScores, ValueForm kValues>
+void run_case(const char* name, const uint8_t* copy_src, size_t copy_span, int sms, float* sink,
+              int softmax_cycles = 0) {
+  auto kernel = rate_kernel<kScores, kValues>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  const double flop_s = kScores == kNoScores ? 0.0 : 36.0 * 2 * 64 * 64 * 16;
+  const double flop_pv = kValues == kNoValues ? 0.0 : 8.0 * 2 * 64 * 256 * 16;
+  const double flop = 2.0 * kPagesPerRun * (flop_s + flop_pv) * sms;  // two warpgroups per SM
+  cudaEvent_t begin, end;
+  cudaEventCreate(&begin);
+  cudaEventCreate(&end);
+  double best = 0.0;
+  for (int rep = 0; rep < 3; ++rep) {
+    cudaEventRecord(begin);
+    kernel<<<sms, 256, kSmemBytes>>>(copy_src, copy_span, softmax_cycles, sink);
+    cudaEventRecord(end);
+    const cudaError_t err = cudaDeviceSynchronize();
+    if (err != cudaSuccess) {
+      std::printf("%s: %s\n", name, cudaGetErrorString(err));
+      std::exit(1);
+    }
+    float ms = 0.f;
+    cudaEventElapsedTime(&ms, begin, end);
+    const double tflops = flop / (ms * 1e-3) / 1e12;
+    if (tflops > best) best = tflops;
+  }
+  cudaEventDestroy(begin);
+  cudaEventDestroy(end);
+  std::printf("%-36s gap %4d cycles: %4.0f TFLOPS\n", name, softmax_cycles, best);
+}
+
+}  // namespace
+
+int main() {
+  cudaDeviceProp prop;
+  cudaGetDeviceProperties(&prop, 0);
+  const int sms = prop.multiProcessorCount;
+  std::printf("%s, %d SMs\n", prop.name, sms);
+  float* sink = nullptr;
+  cudaMalloc(&sink, sms * sizeof(float));
+  const size_t hbm_span = 8u << 20;   // per CTA: 132 x 8 MB, far beyond L2
+  const size_t l2_span = 128u << 10;  // per CTA: 16.5 MB in all, L2-resident
+  uint8_t* src = nullptr;
+  cudaMalloc(&src, sms * hbm_span);
+  cudaMemset(src, 0, sms * hbm_span);
+
+  run_case<kScoresFromSmem, kNoValues>("S only, Q from smem", nullptr, 0, sms, sink);
+  run_case<kScoresFromRegisters, kNoValues>("S only, Q from registers", nullptr, 0, sms, sink);
+  run_case<kNoScores, kValuesMixed>("P V only (WG0's first from smem)", nullptr, 0, sms, sink);
+  run_case<kNoScores, kValuesFromRegisters>("P V only, P from registers", nullptr, 0, sms, sink);
+  for (int gap : {0, 300, 600, 900, 1200})
+    run_case<kScoresFromSmem, kValuesMixed>("page mix", nullptr, 0, sms, sink, gap);
+  run_case<kScoresFromSmem, kValuesMixed>("page mix, copies from L2", src, l2_span, sms, sink);
+  run_case<kScoresFromSmem, kValuesMixed>("page mix, copies from HBM", src, hbm_span, sms, sink);
+  run_case<kScoresFromSmem, kNoValues>("S only, copies from L2", src, l2_span, sms, sink);
+  run_case<kScoresFromRegisters, kNoValues>("S only, Q from registers, copies from L2", src,
+                                            l2_span, sms, sink);
+  cudaFree(src);
+  cudaFree(sink);
+  return 0;
+}
