@@ -41,17 +41,21 @@ def mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v: int
 
     pages = k_cache[jnp.where(bad_page, 0, block_table)]                           # [b, P, 64, g, d]
     keys = pages.reshape(b, capacity, h_kv, d)
-    keys = jnp.where(present[:, :, None, None], keys, jnp.zeros((), keys.dtype))
-    # A token of a bad page has a NaN key, so every row that sees it gets NaN scores, and a zero
-    # value, so that a row that does not see it (probability 0) stays finite: 0 * NaN is NaN.
-    values = jnp.where(bad_token[:, :, None, None], jnp.zeros((), keys.dtype),
-                       keys)[..., :head_dim_v]
-    keys = jnp.where(bad_token[:, :, None, None], jnp.full((), jnp.nan, keys.dtype), keys)
+    # Tokens past the length or on a bad page get zero keys and values (page 0 stands in for a
+    # bad page and may hold anything); a bad page's tokens then score NaN below.
+    usable = present & ~bad_token
+    keys = jnp.where(usable[:, :, None, None], keys, jnp.zeros((), keys.dtype))
+    values = keys[..., :head_dim_v]
 
     queries = q.reshape(b, s_q, h_kv, heads_per_kv, d)
     scores = jnp.einsum("btgkd,bsgd->bgkts", queries, keys,
                         preferred_element_type=jnp.float32,
                         precision=lax.Precision.HIGHEST) * jnp.float32(softmax_scale)
+    # NaN scores on a bad page's tokens, before the visibility mask: exactly the rows that see
+    # such a token turn NaN, the others give it probability 0 against its zero value. (On the
+    # scores rather than as NaN keys, so that keys and values stay one gathered array: a separate
+    # copy of the values is one more pass over the whole gathered cache.)
+    scores = jnp.where(bad_token[:, None, None, None, :], jnp.nan, scores)
 
     query_token = jnp.arange(s_q, dtype=jnp.int32)
     last_visible = clamped[:, None] - 1                                             # [b, 1]
