@@ -2,7 +2,7 @@
 // loads: how fast can the SMs run the instructions a page needs; does S with Q read from shared
 // memory (m64n64k16, both operands in shared memory) lose throughput that Q in registers would
 // not; how long a gap between a page's S and its P V the other warpgroup hides; and what bulk
-// copies at the page-load rate cost on top. kernel-notes.md ("Ceilings") has the numbers.
+// copies at the page-load rate cost on top. kernel-notes.md ("Session 10") has the numbers.
 //
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -Icsrc \
 //     -o /tmp/wgmma_rate tools/wgmma_rate.cu && /tmp/wgmma_rate        (needs an sm_90 GPU)
@@ -12,6 +12,7 @@
 // asks of it per page: S of one 64 x 64 page (36 x m64n64k16, k = 576) and its 256 columns of
 // P V for the two pages of a pair (8 x m64n256k16), then waits for them. Operands are zeros
 // (wgmma timing does not depend on values). Reported: TFLOPS by CUDA events, best of three.
+// coupled_kernel adds the seesaw's hand-offs between the warpgroups.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -63,6 +64,40 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
           "r"(dst),
       "l"(src), "r"(bytes), "r"(bar)
       : "memory");
+}
+
+// Busy-waits `cycles` SM cycles: stands in for work between wgmmas (a softmax).
+__device__ __forceinline__ void spin(int cycles) {
+  const long long until = clock64() + cycles;
+  while (clock64() < until) {
+  }
+}
+
+// S of one page (36 x m64n64k16, Q and K from shared memory) as one commit group.
+__device__ __forceinline__ void issue_scores(float (&s)[32], uint64_t desc_base) {
+#pragma unroll
+  for (int step = 0; step < 36; ++step) {
+    const uint32_t off = (step / 4) * jh::kBoxBytes + (step % 4) * 32;
+    jh::Wgmma<true>::qk64(s, jh::desc_advance(desc_base, kSmemQ + off),
+                          jh::desc_advance(desc_base, kSmemK + off), step != 0);
+  }
+  jh::wgmma_commit();
+}
+
+// A warpgroup's 256 columns of P V for one page (4 x m64n256k16), P from the P tile or from
+// registers, not committed.
+template <bool kPFromSmem>
+__device__ __forceinline__ void issue_page_values(float (&o)[128], const uint32_t (&a)[4],
+                                                  uint32_t v_addr, uint64_t desc_p) {
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+    const uint64_t desc_v = jh::make_smem_desc(v_addr + v * 2048, jh::kBoxBytes, 1024);
+    if constexpr (kPFromSmem) {
+      jh::Wgmma<true>::pv256_ss(o, jh::desc_advance(desc_p, v * 32), desc_v);
+    } else {
+      jh::Wgmma<true>::pv256_rs(o, a, desc_v);
+    }
+  }
 }
 
 template <ScoreForm kScores, ValueForm kValues>
@@ -135,9 +170,7 @@ __global__ void __launch_bounds__(256, 1)
       }
       if (softmax_cycles > 0) {  // a gap such as the softmax between a page's S and its P V
         jh::wgmma_wait<0>();
-        const long long until = clock64() + softmax_cycles;
-        while (clock64() < until) {
-        }
+        spin(softmax_cycles);
         jh::wgmma_fence();  // after the loop, as ptxas would otherwise insert it (C7519)
       }
       if constexpr (kValues != kNoValues) {
@@ -183,21 +216,100 @@ __global__ void __launch_bounds__(256, 1)
   }
 }
 
-template <ScoreForm kScores, ValueForm kValues>
-void run_case(const char* name, const uint8_t* copy_src, size_t copy_span, int sms, float* sink,
-              int softmax_cycles = 0) {
-  auto kernel = rate_kernel<kScores, kValues>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  const double flop_s = kScores == kNoScores ? 0.0 : 36.0 * 2 * 64 * 64 * 16;
-  const double flop_pv = kValues == kNoValues ? 0.0 : 8.0 * 2 * 64 * 256 * 16;
-  const double flop = 2.0 * kPagesPerRun * (flop_s + flop_pv) * sms;  // two warpgroups per SM
+// The seesaw's coupling without its arithmetic or page loads: per pair the same wgmmas as the
+// kernel (WG0: S of page c, P_c V_c,L and P_d V_d,L from shared memory; WG1: S of page d, both
+// P V from registers), the named barriers A, B and D where the kernel has them, and a spin of
+// `softmax_cycles` where each warpgroup's softmax is. Compared with rate_kernel's free-running
+// warpgroups, it shows what the schedule's hand-offs cost by themselves.
+__global__ void __launch_bounds__(256, 1) coupled_kernel(int softmax_cycles, float* sink) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = jh::smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023) & ~1023u;
+  const int tid = threadIdx.x;
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+  for (int i = tid; i < (kSmemBar + 64) / 4; i += blockDim.x)
+    reinterpret_cast<uint32_t*>(smem_raw + (base - raw))[i] = 0;
+  __syncthreads();
+  constexpr int kBarrierA = 2, kBarrierB = 3, kBarrierD = 4;  // 1: the start below
+  const uint64_t desc_p = jh::make_smem_desc(base + kSmemP, 16, 1024);
+  const uint32_t v_half = base + kSmemK + wg * 4 * jh::kBoxBytes;
+  float s[32];
+  float o[128];
+  uint32_t a[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[i]));
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = 0.f;
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");
+  auto opaque_desc = [&] {  // see rate_kernel
+    uint64_t desc = jh::make_smem_desc(base, 16, 1024);
+    asm volatile("" : "+l"(desc));
+    return desc;
+  };
+  if (wg == 0) {
+    jh::wgmma_fence();
+    issue_scores(s, opaque_desc());  // the first pair's S_c
+    asm volatile("bar.arrive %0, 256;\n" ::"r"(kBarrierD) : "memory");
+    jh::wgmma_wait<0>();
+    for (int pair = 0; pair < kPagesPerRun; ++pair) {
+      jh::fence_regs(s);
+      spin(softmax_cycles);  // softmax of page c
+      asm volatile("bar.arrive %0, 256;\n" ::"r"(kBarrierA) : "memory");
+      jh::wgmma_fence();
+      issue_page_values<true>(o, a, v_half, desc_p);  // P_c V_c,L
+      jh::wgmma_commit();
+      asm volatile("bar.sync %0, 256;\n" ::"r"(kBarrierB) : "memory");
+      jh::wgmma_wait<0>();
+      jh::fence_regs(o);
+      jh::wgmma_fence();
+      issue_page_values<true>(o, a, v_half + jh::kTileBytes / 2, desc_p);  // P_d V_d,L
+      jh::wgmma_commit();
+      issue_scores(s, opaque_desc());  // the next pair's S_c (one spare at the end)
+      asm volatile("bar.arrive %0, 256;\n" ::"r"(kBarrierD) : "memory");
+      jh::wgmma_wait<0>();
+      jh::fence_regs(o);
+    }
+  } else {
+    for (int pair = 0; pair < kPagesPerRun; ++pair) {
+      asm volatile("bar.sync %0, 256;\n" ::"r"(kBarrierD) : "memory");
+      jh::wgmma_fence();
+      issue_scores(s, opaque_desc());  // S_d, behind S_c
+      jh::wgmma_wait<0>();
+      jh::fence_regs(s);
+      asm volatile("bar.sync %0, 256;\n" ::"r"(kBarrierA) : "memory");
+      spin(softmax_cycles);  // softmax of page d
+      asm volatile("bar.arrive %0, 256;\n" ::"r"(kBarrierB) : "memory");
+      jh::wgmma_fence();
+      issue_page_values<false>(o, a, v_half, desc_p);  // P_c V_c,R
+      issue_page_values<false>(o, a, v_half + jh::kTileBytes / 2, desc_p);  // P_d V_d,R
+      jh::wgmma_commit();
+      jh::wgmma_wait<0>();
+      jh::fence_regs(o);
+    }
+    asm volatile("bar.sync %0, 256;\n" ::"r"(kBarrierD) : "memory");  // the spare S_c's D
+  }
+  if (tid == 0) {
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) sum += s[i];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) sum += o[i];
+    sink[blockIdx.x] = sum;
+  }
+}
+
+// Times `launch` (three runs, the best) for `flop` floating-point operations and prints TFLOPS.
+template <typename Launch>
+void time_case(const char* name, int gap_cycles, double flop, Launch&& launch) {
   cudaEvent_t begin, end;
   cudaEventCreate(&begin);
   cudaEventCreate(&end);
   double best = 0.0;
   for (int rep = 0; rep < 3; ++rep) {
     cudaEventRecord(begin);
-    kernel<<<sms, 256, kSmemBytes>>>(copy_src, copy_span, softmax_cycles, sink);
+    launch();
     cudaEventRecord(end);
     const cudaError_t err = cudaDeviceSynchronize();
     if (err != cudaSuccess) {
@@ -211,7 +323,20 @@ void run_case(const char* name, const uint8_t* copy_src, size_t copy_span, int s
   }
   cudaEventDestroy(begin);
   cudaEventDestroy(end);
-  std::printf("%-36s gap %4d cycles: %4.0f TFLOPS\n", name, softmax_cycles, best);
+  std::printf("%-40s gap %4d cycles: %4.0f TFLOPS\n", name, gap_cycles, best);
+}
+
+template <ScoreForm kScores, ValueForm kValues>
+void run_case(const char* name, const uint8_t* copy_src, size_t copy_span, int sms, float* sink,
+              int softmax_cycles = 0) {
+  auto kernel = rate_kernel<kScores, kValues>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  const double flop_s = kScores == kNoScores ? 0.0 : 36.0 * 2 * 64 * 64 * 16;
+  const double flop_pv = kValues == kNoValues ? 0.0 : 8.0 * 2 * 64 * 256 * 16;
+  const double flop = 2.0 * kPagesPerRun * (flop_s + flop_pv) * sms;  // two warpgroups per SM
+  time_case(name, softmax_cycles, flop, [&] {
+    kernel<<<sms, 256, kSmemBytes>>>(copy_src, copy_span, softmax_cycles, sink);
+  });
 }
 
 }  // namespace
@@ -240,6 +365,12 @@ int main() {
   run_case<kScoresFromSmem, kNoValues>("S only, copies from L2", src, l2_span, sms, sink);
   run_case<kScoresFromRegisters, kNoValues>("S only, Q from registers, copies from L2", src,
                                             l2_span, sms, sink);
+  cudaFuncSetAttribute(coupled_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  const double pair_flop = 2.0 * (36.0 * 2 * 64 * 64 * 16 + 8.0 * 2 * 64 * 256 * 16);
+  for (int gap : {0, 300, 600, 900, 1200}) {
+    time_case("seesaw coupling (barriers A, B, D)", gap, pair_flop * kPagesPerRun * sms,
+              [&] { coupled_kernel<<<sms, 256, kSmemBytes>>>(gap, sink); });
+  }
   cudaFree(src);
   cudaFree(sink);
   return 0;
