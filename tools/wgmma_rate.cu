@@ -66,6 +66,44 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
       : "memory");
 }
 
+// The 1024-aligned base of dynamic shared memory, with everything below the barriers zeroed.
+__device__ __forceinline__ uint32_t zeroed_shared_base(uint8_t* smem_raw) {
+  const uint32_t raw = jh::smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023) & ~1023u;
+  for (int i = threadIdx.x; i < (kSmemBar + 64) / 4; i += blockDim.x)
+    reinterpret_cast<uint32_t*>(smem_raw + (base - raw))[i] = 0;
+  return base;
+}
+
+__device__ __forceinline__ void zero_accumulators(float (&s)[32], float (&o)[128]) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = 0.f;
+}
+
+// A zero A fragment the compiler cannot see is constant (constants would be rematerialised into
+// fresh registers per wgmma).
+__device__ __forceinline__ void opaque_zeros(uint32_t (&a)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    a[i] = 0;
+    asm volatile("" : "+r"(a[i]));
+  }
+}
+
+// Stores the accumulators' sum, so that the wgmmas writing them are not optimised away.
+__device__ __forceinline__ void keep_alive(const float (&s)[32], const float (&o)[128],
+                                           float* sink) {
+  if (threadIdx.x != 0) return;
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) sum += s[i];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) sum += o[i];
+  sink[blockIdx.x] = sum;
+}
+
 // Busy-waits `cycles` SM cycles: stands in for work between wgmmas (a softmax).
 __device__ __forceinline__ void spin(int cycles) {
   const long long until = clock64() + cycles;
@@ -104,12 +142,9 @@ template <ScoreForm kScores, ValueForm kValues>
 __global__ void __launch_bounds__(256, 1)
     rate_kernel(const uint8_t* copy_src, size_t copy_span, int softmax_cycles, float* sink) {
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw = jh::smem_addr(smem_raw);
-  const uint32_t base = (raw + 1023) & ~1023u;
+  const uint32_t base = zeroed_shared_base(smem_raw);
   const int tid = threadIdx.x;
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
-  for (int i = tid; i < (kSmemBar + 64) / 4; i += blockDim.x)
-    reinterpret_cast<uint32_t*>(smem_raw + (base - raw))[i] = 0;
   const uint32_t bar = base + kSmemBar;
   if (tid == 0) {
     for (int slot = 0; slot < kCopySlots; ++slot) jh::mbar_init(bar + 8 * slot, 1);
@@ -121,15 +156,11 @@ __global__ void __launch_bounds__(256, 1)
   const uint64_t desc_p = jh::make_smem_desc(base + kSmemP, 16, 1024);
   float s[32];
   float o[128];
-  uint32_t a[4] = {0, 0, 0, 0};    // P V's A fragment (P)
-  uint32_t a_q[4] = {0, 0, 0, 0};  // S's A fragment (Q), when from registers
-  // Opaque values: constants would be rematerialised into fresh registers per wgmma.
-#pragma unroll
-  for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[i]), "+r"(a_q[i]));
-#pragma unroll
-  for (int i = 0; i < 128; ++i) o[i] = 0.f;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) s[i] = 0.f;
+  uint32_t a[4];    // P V's A fragment (P)
+  uint32_t a_q[4];  // S's A fragment (Q), when from registers
+  zero_accumulators(s, o);
+  opaque_zeros(a);
+  opaque_zeros(a_q);
   asm volatile("bar.sync 1, 256;\n" ::: "memory");
   // Each warpgroup's loop is straight-line code of its own (a wgmma under a condition that
   // ptxas cannot prove uniform would be serialised), and nothing is in flight across its back
@@ -206,14 +237,7 @@ __global__ void __launch_bounds__(256, 1)
   } else {
     pages(std::false_type());
   }
-  if (tid == 0) {  // keeps the accumulators (and so the wgmmas) alive
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < 32; ++i) sum += s[i];
-#pragma unroll
-    for (int i = 0; i < 128; ++i) sum += o[i];
-    sink[blockIdx.x] = sum;
-  }
+  keep_alive(s, o, sink);
 }
 
 // The seesaw's coupling without its arithmetic or page loads: per pair the same wgmmas as the
@@ -223,25 +247,17 @@ __global__ void __launch_bounds__(256, 1)
 // warpgroups, it shows what the schedule's hand-offs cost by themselves.
 __global__ void __launch_bounds__(256, 1) coupled_kernel(int softmax_cycles, float* sink) {
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw = jh::smem_addr(smem_raw);
-  const uint32_t base = (raw + 1023) & ~1023u;
-  const int tid = threadIdx.x;
-  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
-  for (int i = tid; i < (kSmemBar + 64) / 4; i += blockDim.x)
-    reinterpret_cast<uint32_t*>(smem_raw + (base - raw))[i] = 0;
+  const uint32_t base = zeroed_shared_base(smem_raw);
+  const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
   __syncthreads();
   constexpr int kBarrierA = 2, kBarrierB = 3, kBarrierD = 4;  // 1: the start below
   const uint64_t desc_p = jh::make_smem_desc(base + kSmemP, 16, 1024);
   const uint32_t v_half = base + kSmemK + wg * 4 * jh::kBoxBytes;
   float s[32];
   float o[128];
-  uint32_t a[4] = {0, 0, 0, 0};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[i]));
-#pragma unroll
-  for (int i = 0; i < 128; ++i) o[i] = 0.f;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) s[i] = 0.f;
+  uint32_t a[4];
+  zero_accumulators(s, o);
+  opaque_zeros(a);
   asm volatile("bar.sync 1, 256;\n" ::: "memory");
   auto opaque_desc = [&] {  // see rate_kernel
     uint64_t desc = jh::make_smem_desc(base, 16, 1024);
@@ -290,14 +306,7 @@ __global__ void __launch_bounds__(256, 1) coupled_kernel(int softmax_cycles, flo
     }
     asm volatile("bar.sync %0, 256;\n" ::"r"(kBarrierD) : "memory");  // the spare S_c's D
   }
-  if (tid == 0) {
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < 32; ++i) sum += s[i];
-#pragma unroll
-    for (int i = 0; i < 128; ++i) sum += o[i];
-    sink[blockIdx.x] = sum;
-  }
+  keep_alive(s, o, sink);
 }
 
 // Times `launch` (three runs, the best) for `flop` floating-point operations and prints TFLOPS.
