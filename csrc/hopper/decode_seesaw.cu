@@ -139,10 +139,16 @@ __device__ __forceinline__ void with_stage(int stage, Body&& body) {
   }
 }
 
-// Scores of an unreadable page: all masked (its rows are poisoned instead).
-__device__ __forceinline__ void masked_scores(float (&s)[kPageScores]) {
+// Scores of an unreadable page (either warpgroup's): all masked, its rows are poisoned instead.
+// Its load groups were completed by plain arrivals; the RoPE group is waited all the same, so that
+// every phase of every group is consumed before the group is re-armed (the V halves are waited
+// before their P V).
+template <int kStage>
+__device__ __forceinline__ void unreadable_page_scores(float (&s)[kPageScores], uint32_t bar_addr,
+                                                       uint32_t parity) {
 #pragma unroll
   for (int i = 0; i < kPageScores; ++i) s[i] = -INFINITY;
+  mbar_wait(group_barrier(bar_addr, kStage, kGroupRope), parity);
 }
 
 // WG0: S of a pair's first page into s, announcing to WG1 (barrier D) once it is queued, so that
@@ -165,10 +171,7 @@ __device__ __forceinline__ void first_page_scores(float (&s)[kPageScores], bool 
     wgmma_wait<0>();
     fence_regs(s);
   } else {
-    masked_scores(s);
-    // Completed by a plain arrival; waited all the same, so that every phase of every group is
-    // consumed before the group is re-armed (the V halves are waited before their P V).
-    mbar_wait(group_barrier(bar_addr, kStage, kGroupRope), parity);
+    unreadable_page_scores<kStage>(s, bar_addr, parity);
     named_barrier_arrive(seesaw::kScoresQueuedId, kThreads);  // D
     wgmma_wait<0>();
     while_in_flight();
@@ -187,8 +190,7 @@ __device__ __forceinline__ void second_page_scores(float (&s)[kPageScores], bool
     wgmma_wait<0>();
     fence_regs(s);
   } else {
-    masked_scores(s);
-    mbar_wait(group_barrier(bar_addr, kStage, kGroupRope), parity);  // as for WG0
+    unreadable_page_scores<kStage>(s, bar_addr, parity);
   }
 }
 
