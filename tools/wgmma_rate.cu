@@ -111,13 +111,21 @@ __device__ __forceinline__ void spin(int cycles) {
   }
 }
 
-// S of one page (36 x m64n64k16, Q and K from shared memory) as one commit group.
-__device__ __forceinline__ void issue_scores(float (&s)[32], uint64_t desc_base) {
+// S of one page (36 x m64n64k16, K from shared memory, Q from shared memory or as the A fragment
+// a_q) as one commit group.
+template <ScoreForm kScores>
+__device__ __forceinline__ void issue_scores(float (&s)[32], uint64_t desc_base,
+                                             const uint32_t (&a_q)[4]) {
+  static_assert(kScores != kNoScores, "no scores to issue");
 #pragma unroll
   for (int step = 0; step < 36; ++step) {
     const uint32_t off = (step / 4) * jh::kBoxBytes + (step % 4) * 32;
-    jh::Wgmma<true>::qk64(s, jh::desc_advance(desc_base, kSmemQ + off),
-                          jh::desc_advance(desc_base, kSmemK + off), step != 0);
+    const uint64_t desc_k = jh::desc_advance(desc_base, kSmemK + off);
+    if constexpr (kScores == kScoresFromSmem) {
+      jh::Wgmma<true>::qk64(s, jh::desc_advance(desc_base, kSmemQ + off), desc_k, step != 0);
+    } else {
+      qk64_rs(s, a_q, desc_k, step != 0);
+    }
   }
   jh::wgmma_commit();
 }
@@ -185,41 +193,16 @@ __global__ void __launch_bounds__(256, 1)
       uint64_t desc_base = desc_base_all;
       asm volatile("" : "+l"(desc_base));
       jh::wgmma_fence();
-      if constexpr (kScores != kNoScores) {
-#pragma unroll
-        for (int step = 0; step < 36; ++step) {
-          const uint32_t off = (step / 4) * jh::kBoxBytes + (step % 4) * 32;
-          const uint64_t desc_k = jh::desc_advance(desc_base, kSmemK + off);
-          if constexpr (kScores == kScoresFromSmem) {
-            jh::Wgmma<true>::qk64(s, jh::desc_advance(desc_base, kSmemQ + off), desc_k,
-                                  step != 0);
-          } else {
-            qk64_rs(s, a_q, desc_k, step != 0);
-          }
-        }
-        jh::wgmma_commit();
-      }
+      if constexpr (kScores != kNoScores) issue_scores<kScores>(s, desc_base, a_q);
       if (softmax_cycles > 0) {  // a gap such as the softmax between a page's S and its P V
         jh::wgmma_wait<0>();
         spin(softmax_cycles);
         jh::wgmma_fence();  // after the loop, as ptxas would otherwise insert it (C7519)
       }
-      if constexpr (kValues != kNoValues) {
+      if constexpr (kValues != kNoValues) {  // the two pages of a pair, on the same V boxes
         const uint32_t v_addr = base + kSmemK + wg * 4 * jh::kBoxBytes;
-#pragma unroll
-        for (int pv = 0; pv < 2; ++pv) {  // the two pages of a pair
-#pragma unroll
-          for (int v = 0; v < 4; ++v) {
-            const uint64_t desc_v = jh::make_smem_desc(v_addr + v * 2048, jh::kBoxBytes, 1024);
-            if constexpr (decltype(first_p_from_smem)::value) {
-              if (pv == 0) {
-                jh::Wgmma<true>::pv256_ss(o, jh::desc_advance(desc_p, v * 32), desc_v);
-                continue;
-              }
-            }
-            jh::Wgmma<true>::pv256_rs(o, a, desc_v);
-          }
-        }
+        issue_page_values<decltype(first_p_from_smem)::value>(o, a, v_addr, desc_p);
+        issue_page_values<false>(o, a, v_addr, desc_p);
         jh::wgmma_commit();
       }
       jh::wgmma_wait<0>();
@@ -266,7 +249,7 @@ __global__ void __launch_bounds__(256, 1) coupled_kernel(int softmax_cycles, flo
   };
   if (wg == 0) {
     jh::wgmma_fence();
-    issue_scores(s, opaque_desc());  // the first pair's S_c
+    issue_scores<kScoresFromSmem>(s, opaque_desc(), a);  // the first pair's S_c
     asm volatile("bar.arrive %0, 256;\n" ::"r"(kBarrierD) : "memory");
     jh::wgmma_wait<0>();
     for (int pair = 0; pair < kPagesPerRun; ++pair) {
@@ -282,7 +265,8 @@ __global__ void __launch_bounds__(256, 1) coupled_kernel(int softmax_cycles, flo
       jh::wgmma_fence();
       issue_page_values<true>(o, a, v_half + jh::kTileBytes / 2, desc_p);  // P_d V_d,L
       jh::wgmma_commit();
-      issue_scores(s, opaque_desc());  // the next pair's S_c (one spare at the end)
+      // The next pair's S_c (one spare at the end).
+      issue_scores<kScoresFromSmem>(s, opaque_desc(), a);
       asm volatile("bar.arrive %0, 256;\n" ::"r"(kBarrierD) : "memory");
       jh::wgmma_wait<0>();
       jh::fence_regs(o);
@@ -291,7 +275,7 @@ __global__ void __launch_bounds__(256, 1) coupled_kernel(int softmax_cycles, flo
     for (int pair = 0; pair < kPagesPerRun; ++pair) {
       asm volatile("bar.sync %0, 256;\n" ::"r"(kBarrierD) : "memory");
       jh::wgmma_fence();
-      issue_scores(s, opaque_desc());  // S_d, behind S_c
+      issue_scores<kScoresFromSmem>(s, opaque_desc(), a);  // S_d, behind S_c
       jh::wgmma_wait<0>();
       jh::fence_regs(s);
       asm volatile("bar.sync %0, 256;\n" ::"r"(kBarrierA) : "memory");
