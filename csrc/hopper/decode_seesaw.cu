@@ -29,7 +29,7 @@
 // faster).
 // WG1's half of P_c is P_c times e^(m_c - m_d), rounded once more where the maximum moved (as
 // FlashMLA does; measured accuracy equal to the split-S schedule's, kernel-notes.md). WG0's P·V
-// read P from shared memory (wgmma SS), WG1's from registers (RS): 254 registers, no spill. Row
+// read P from shared memory (wgmma SS), WG1's from registers (RS): 247 registers, no spill. Row
 // sums are kept per warpgroup (each rescaled with its own O) and added in the epilogue.
 //
 // Pipeline ordering and synchronisation:
@@ -72,6 +72,7 @@
 // barriers + the two load cursors = 230,480 B (+1 KB alignment slack).
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "decode_common.h"
@@ -302,19 +303,25 @@ __device__ __forceinline__ float2 unpack2(uint32_t v) {
 
 // Loads the warp's rows of P tile `tile` as a wgmma A fragment (pack_p's layout), times
 // factor[row]. A factor of exactly 1 (the usual case: the row maxima did not move) leaves P as it
-// was stored; otherwise the product is rounded again.
+// was stored, and where it is 1 on all of the warp's rows the products are skipped (they are on
+// warpgroup 1's way to its P V); otherwise the product is rounded again.
 template <bool kBf16>
 __device__ __forceinline__ void load_scaled_p_tile(uint32_t tile, const float (&factor)[2],
                                                    int warp, int lane,
                                                    uint32_t (&a)[kPFragRegs]) {
+  const bool scale = __any_sync(0xffffffffu, factor[0] != 1.f || factor[1] != 1.f);
 #pragma unroll
   for (int v = 0; v < kPFragRegs / 4; ++v) {
     uint32_t step[4];
     ldmatrix_x4(step, p_tile_row(tile, warp, lane, v));
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      const float2 pair = unpack2<kBf16>(step[r]);
-      a[4 * v + r] = pack2<kBf16>(pair.x * factor[r & 1], pair.y * factor[r & 1]);
+      if (scale) {
+        const float2 pair = unpack2<kBf16>(step[r]);
+        a[4 * v + r] = pack2<kBf16>(pair.x * factor[r & 1], pair.y * factor[r & 1]);
+      } else {
+        a[4 * v + r] = step[r];
+      }
     }
   }
 }
@@ -471,8 +478,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.f, 0.f};  // this warpgroup's share of the row sums (own pages)
-    // NaN rows: a malformed length, or a visible token on an unreadable page.
-    bool poisoned[2] = {malformed, malformed};
+    // NaN rows: a malformed length, or a visible token on an unreadable page. Pages come in
+    // order, so a row is poisoned iff its key limit passes the first token of the piece's first
+    // unreadable page: one running minimum per pair, decided per row in the epilogue (a per-row
+    // update with branches here sat on both warpgroups' way from their scores to their softmax).
+    int first_unreadable = INT_MAX;
 
     const int page_begin = lo / kPageSize;
     const int page_end = (hi + kPageSize - 1) / kPageSize;
@@ -504,10 +514,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int base_d = base_c + kPageSize;
       const bool ok_c = readable(p, block_table_row(p, s, first));
       const bool ok_d = pair && readable(p, block_table_row(p, s, first + 1));
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-        poisoned[i] = poisoned[i] || (!ok_c && base_c < lim[i]) ||
-                      (pair && !ok_d && base_d < lim[i]);
+      first_unreadable =
+          min(first_unreadable, !ok_c ? base_c : pair && !ok_d ? base_d : INT_MAX);
       const uint32_t parity_c = (k >> 1) & 1;
       const uint32_t parity_d = ((k + 1) >> 1) & 1;
       // The page holding the piece's end has garbage rows past it (zeroed before P V).
@@ -716,6 +724,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // when page_begin > page_end: a partition may begin past a too-long length's capacity.)
     if (page_begin >= page_end && more_seqs)
       start_q_load(p, s + 1, kvh, tile_m, q_addr, tid, kThreads);
+    const bool poisoned[2] = {malformed || first_unreadable < lim[0],
+                              malformed || first_unreadable < lim[1]};
     write_piece<kBf16>(p, pt, s, kvh, row_info(p, tile_m, warp, g), o, l_run, m_run, poisoned,
                        wg * kColsPerWarpgroup, q4, wg == 0);
   }
