@@ -12,7 +12,8 @@
 // asks of it per page: S of one 64 x 64 page (36 x m64n64k16, k = 576) and its 256 columns of
 // P V for the two pages of a pair (8 x m64n256k16), then waits for them. Operands are zeros
 // (wgmma timing does not depend on values). Reported: TFLOPS by CUDA events, best of three.
-// coupled_kernel adds the seesaw's hand-offs between the warpgroups.
+// coupled_kernel adds the seesaw's hand-offs between the warpgroups; lone_scores_kernel times one
+// warpgroup's scores alone.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -130,6 +131,24 @@ __device__ __forceinline__ void issue_scores(float (&s)[32], uint64_t desc_base,
   jh::wgmma_commit();
 }
 
+// S of one page as two independent accumulator chains, issued alternately (steps 0-17 into s,
+// 18-35 into s2), one commit group: a wgmma waits for the previous one on its accumulator, so one
+// chain of short m64n64k16 runs at the chain's latency, not at the tensor cores' rate.
+__device__ __forceinline__ void issue_scores_two_chains(float (&s)[32], float (&s2)[32],
+                                                        uint64_t desc_base) {
+#pragma unroll
+  for (int i = 0; i < 18; ++i) {
+#pragma unroll
+    for (int chain = 0; chain < 2; ++chain) {
+      const int step = i + 18 * chain;
+      const uint32_t off = (step / 4) * jh::kBoxBytes + (step % 4) * 32;
+      jh::Wgmma<true>::qk64(chain == 0 ? s : s2, jh::desc_advance(desc_base, kSmemQ + off),
+                            jh::desc_advance(desc_base, kSmemK + off), i != 0);
+    }
+  }
+  jh::wgmma_commit();
+}
+
 // A warpgroup's 256 columns of P V for one page (4 x m64n256k16), P from the P tile or from
 // registers, not committed.
 template <bool kPFromSmem>
@@ -220,6 +239,41 @@ __global__ void __launch_bounds__(256, 1)
   } else {
     pages(std::false_type());
   }
+  keep_alive(s, o, sink);
+}
+
+// Warpgroup 0 alone runs S page after page, as one accumulator chain or two (WG1 idles): the
+// rate one warpgroup's scores get when the other warpgroup issues nothing, and whether a chain of
+// dependent m64n64k16 is held back by its own latency (on an H100 it is not: 880 TFLOPS either
+// way, kernel-notes.md, session 11).
+template <int kChains>
+__global__ void __launch_bounds__(256, 1) lone_scores_kernel(float* sink) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = zeroed_shared_base(smem_raw);
+  const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
+  __syncthreads();
+  float s[32], s2[32], o[128];
+  zero_accumulators(s, o);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s2[i] = 0.f;
+  if (wg == 0) {
+    for (int page = 0; page < kPagesPerRun; ++page) {
+      uint64_t desc = jh::make_smem_desc(base, 16, 1024);
+      asm volatile("" : "+l"(desc));
+      jh::wgmma_fence();
+      if constexpr (kChains == 1) {
+        uint32_t unused[4] = {0, 0, 0, 0};
+        issue_scores<kScoresFromSmem>(s, desc, unused);
+      } else {
+        issue_scores_two_chains(s, s2, desc);
+      }
+      jh::wgmma_wait<0>();
+      jh::fence_regs(s);
+      jh::fence_regs(s2);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] += s2[i];
   keep_alive(s, o, sink);
 }
 
@@ -358,6 +412,15 @@ int main() {
   run_case<kScoresFromSmem, kNoValues>("S only, copies from L2", src, l2_span, sms, sink);
   run_case<kScoresFromRegisters, kNoValues>("S only, Q from registers, copies from L2", src,
                                             l2_span, sms, sink);
+  const double lone_flop = 36.0 * 2 * 64 * 64 * 16 * kPagesPerRun * sms;
+  cudaFuncSetAttribute(lone_scores_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       kSmemBytes);
+  cudaFuncSetAttribute(lone_scores_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       kSmemBytes);
+  time_case("S only, one warpgroup, one chain", 0, lone_flop,
+            [&] { lone_scores_kernel<1><<<sms, 256, kSmemBytes>>>(sink); });
+  time_case("S only, one warpgroup, two chains", 0, lone_flop,
+            [&] { lone_scores_kernel<2><<<sms, 256, kSmemBytes>>>(sink); });
   cudaFuncSetAttribute(coupled_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   const double pair_flop = 2.0 * (36.0 * 2 * 64 * 64 * 16 + 8.0 * 2 * 64 * 256 * 16);
   for (int gap : {0, 300, 600, 900, 1200}) {
