@@ -53,13 +53,6 @@ __device__ float warp_sum(float value) {
   return value;
 }
 
-// The workspace row (o_accum / lse_accum) of query row `row` of KV head `kv_head` in piece slot
-// `slot`, as the main kernel's write_piece lays it out.
-__device__ __forceinline__ int64_t workspace_row(const MlaDecodeParams& params, int slot,
-                                                 int kv_head, int row) {
-  return (static_cast<int64_t>(slot) * params.num_heads_kv + kv_head) * params.rows_per_kv + row;
-}
-
 // A block takes kRowsPerBlock rows (kWarps: a row per warp; 1: the warps share the row's pieces).
 template <typename T, int kRowsPerBlock>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const MlaDecodeParams params) {

@@ -465,8 +465,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_portable_kernel(const 
       }
       const int col0 = ch * kOCols + quad_col * 2;
       if (split) {
-        const int64_t row_index =
-            (static_cast<int64_t>(slot) * p.num_heads_kv + g) * p.rows_per_kv + grow[j];
+        const int64_t row_index = workspace_row(p, slot, g, grow[j]);
         float* dst = p.o_accum + row_index * kHeadDimV + col0;
 #pragma unroll
         for (int nb = 0; nb < kONBlocks; ++nb) {

@@ -90,6 +90,14 @@ struct MlaDecodeParams {
   float* lse_accum; // [num_slots, h_kv, rows_per_kv] workspace, partial lse (natural log)
 };
 
+// The workspace row (of o_accum / lse_accum) that holds query row `row` of KV head `kv_head` in
+// piece slot `slot`: where the decode kernels write a split sequence's pieces and the combine
+// reads them.
+__host__ __device__ inline int64_t workspace_row(const MlaDecodeParams& p, int slot, int kv_head,
+                                                 int row) {
+  return (static_cast<int64_t>(slot) * p.num_heads_kv + kv_head) * p.rows_per_kv + row;
+}
+
 // Semantics every kernel implements, row by row (row = one query token of one head):
 // * keys of sequence s are tokens [0, seqlens[s]); K row = all 576 values, V row = first 512.
 // * causal with s_q > 1: query token t sees keys j <= seqlens[s] - s_q + t.

@@ -313,8 +313,7 @@ __device__ __forceinline__ void write_piece(const MlaDecodeParams& p, const Part
       if (writes_lse && q4 == 0)
         p.lse[(static_cast<size_t>(s) * p.num_heads_q + head) * p.seqlen_q + tq] = lse_val;
     } else {
-      const size_t acc_row =
-          (static_cast<size_t>(slot) * p.num_heads_kv + kvh) * p.rows_per_kv + row;
+      const int64_t acc_row = workspace_row(p, slot, kvh, row);
       float* acc = p.o_accum + acc_row * kHeadDimV + col_base + 2 * q4;
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
