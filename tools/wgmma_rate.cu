@@ -112,6 +112,12 @@ __device__ __forceinline__ void spin(int cycles) {
   }
 }
 
+// Byte offset of k16 step `step` of S (0..35) in a 64-row tile of Q or K: box step / 4, 32 bytes
+// (16 columns) per step within the box.
+__device__ __forceinline__ uint32_t score_step_offset(int step) {
+  return (step / 4) * jh::kBoxBytes + (step % 4) * 32;
+}
+
 // S of one page (36 x m64n64k16, K from shared memory, Q from shared memory or as the A fragment
 // a_q) as one commit group.
 template <ScoreForm kScores>
@@ -120,7 +126,7 @@ __device__ __forceinline__ void issue_scores(float (&s)[32], uint64_t desc_base,
   static_assert(kScores != kNoScores, "no scores to issue");
 #pragma unroll
   for (int step = 0; step < 36; ++step) {
-    const uint32_t off = (step / 4) * jh::kBoxBytes + (step % 4) * 32;
+    const uint32_t off = score_step_offset(step);
     const uint64_t desc_k = jh::desc_advance(desc_base, kSmemK + off);
     if constexpr (kScores == kScoresFromSmem) {
       jh::Wgmma<true>::qk64(s, jh::desc_advance(desc_base, kSmemQ + off), desc_k, step != 0);
@@ -132,8 +138,8 @@ __device__ __forceinline__ void issue_scores(float (&s)[32], uint64_t desc_base,
 }
 
 // S of one page as two independent accumulator chains, issued alternately (steps 0-17 into s,
-// 18-35 into s2), one commit group: a wgmma waits for the previous one on its accumulator, so one
-// chain of short m64n64k16 runs at the chain's latency, not at the tensor cores' rate.
+// 18-35 into s2), one commit group: if each wgmma waited for the previous one on its accumulator,
+// one chain of short m64n64k16 would run at the chain's latency and two would run faster.
 __device__ __forceinline__ void issue_scores_two_chains(float (&s)[32], float (&s2)[32],
                                                         uint64_t desc_base) {
 #pragma unroll
@@ -141,7 +147,7 @@ __device__ __forceinline__ void issue_scores_two_chains(float (&s)[32], float (&
 #pragma unroll
     for (int chain = 0; chain < 2; ++chain) {
       const int step = i + 18 * chain;
-      const uint32_t off = (step / 4) * jh::kBoxBytes + (step % 4) * 32;
+      const uint32_t off = score_step_offset(step);
       jh::Wgmma<true>::qk64(chain == 0 ? s : s2, jh::desc_advance(desc_base, kSmemQ + off),
                             jh::desc_advance(desc_base, kSmemK + off), i != 0);
     }
