@@ -13,9 +13,12 @@
 // P V for the two pages of a pair (8 x m64n256k16), then waits for them. Operands are zeros
 // (wgmma timing does not depend on values). Reported: TFLOPS by CUDA events, best of three.
 // coupled_kernel adds the seesaw's hand-offs between the warpgroups; lone_scores_kernel times one
-// warpgroup's scores alone.
+// warpgroup's scores alone; softmax_under_wgmma_kernel times one warpgroup's softmax while the
+// other runs wgmmas (cycles per page, from the SM clock).
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -24,6 +27,7 @@
 #include "hopper/barrier.h"
 #include "hopper/traits.h"
 #include "hopper/wgmma.h"
+#include "smem_matrix.h"
 
 namespace jh = jax_flashmla::hopper;
 
@@ -353,6 +357,164 @@ __global__ void __launch_bounds__(256, 1) coupled_kernel(int softmax_cycles, flo
   keep_alive(s, o, sink);
 }
 
+// What a softmax costs one warpgroup while the other keeps the tensor cores busy. Warpgroup 0
+// times kSoftmaxReps softmax steps of one 64 x 64 page, each depending on the last, as the seesaw
+// runs them (row maxima over the quad, 32 exponentials and the row sums, P packed to bf16 and
+// stored as a P tile with stmatrix, fence.proxy.async). Warpgroup 1 meanwhile idles, runs S page
+// after page (36 x m64n64k16 with Q and K in shared memory as in the kernel, or Q from registers),
+// runs P V (m64n256k16, P from registers), or runs dependent FMAs (no tensor-core work: what
+// sharing the issue slots costs by itself), for longer than warpgroup 0's timing.
+constexpr int kSoftmaxReps = 256;
+constexpr int kBusyGroups = 1024;  // ~1M cycles of tensor-core work, several times the timed part
+enum Busy { kBusyNone, kBusyScores, kBusyScoresQInRegisters, kBusyValues, kBusyAlu };
+// How the softmax step is done: as the kernel does it; its exponentials by a polynomial on the
+// FMA pipe (all, or every other one) instead of the MUFU; without the P tile's stores and fence;
+// without the shuffles of the row maxima.
+enum SoftmaxForm {
+  kSoftmaxAsKernel,
+  kExpPolynomial,
+  kExpHalfPolynomial,
+  kSoftmaxNoStores,
+  kSoftmaxNoShuffles
+};
+
+// 2^x on the FMA and integer pipes (no MUFU), for the x <= 0 of a softmax: round x to n, a degree-5
+// polynomial for 2^(x - n) on [-0.5, 0.5] (Taylor, relative error < 3e-6), n added to the
+// exponent bits. x is clamped at -126 (the result is then ~1e-38, not 0: a kernel would have to
+// map -inf to 0 itself).
+__device__ __forceinline__ float exp2_polynomial(float x) {
+  constexpr float kRoundingShift = 12582912.f;  // 1.5 * 2^23: x + it rounds x to an integer
+  x = fmaxf(x, -126.f);
+  const float shifted = x + kRoundingShift;
+  const float f = x - (shifted - kRoundingShift);
+  float p = 1.3333558e-3f;
+  p = fmaf(p, f, 9.6181291e-3f);
+  p = fmaf(p, f, 5.5504109e-2f);
+  p = fmaf(p, f, 2.4022651e-1f);
+  p = fmaf(p, f, 6.9314718e-1f);
+  p = fmaf(p, f, 1.f);
+  return __int_as_float(__float_as_int(p) + (__float_as_int(shifted) << 23));
+}
+
+template <Busy kBusy, SoftmaxForm kForm>
+__global__ void __launch_bounds__(256, 1) softmax_under_wgmma_kernel(long long* cycles,
+                                                                     float* sink) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = zeroed_shared_base(smem_raw);
+  const int tid = threadIdx.x;
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+  const int warp = (tid % 128) / 32;
+  const int lane = tid % 32;
+  __syncthreads();
+  float s[32];
+  float o[128];
+  uint32_t a[4];
+  zero_accumulators(s, o);
+  opaque_zeros(a);
+  if (wg == 1) {
+    asm volatile("bar.arrive 1, 256;\n" ::: "memory");  // start: warpgroup 0 times from here
+    const uint32_t v_half = base + kSmemK + 4 * jh::kBoxBytes;
+    // A fixed count that outlasts warpgroup 0's timing (a flag read per iteration could differ
+    // between the warps, and a wgmma that not all four warps issue is undefined).
+    for (int group = 0; kBusy != kBusyNone && group < kBusyGroups; ++group) {
+      uint64_t desc = jh::make_smem_desc(base, 16, 1024);
+      asm volatile("" : "+l"(desc));
+      jh::wgmma_fence();
+      if constexpr (kBusy == kBusyScores) {
+        issue_scores<kScoresFromSmem>(s, desc, a);
+      } else if constexpr (kBusy == kBusyScoresQInRegisters) {
+        issue_scores<kScoresFromRegisters>(s, desc, a);
+      } else if constexpr (kBusy == kBusyAlu) {  // dependent FMAs, no tensor-core work
+#pragma unroll 1
+        for (int i = 0; i < 256; ++i) {
+#pragma unroll
+          for (int j = 0; j < 32; ++j) s[j] = fmaf(s[j], 0.999f, 1e-3f);
+        }
+      } else {
+        issue_page_values<false>(o, a, v_half, desc);
+        issue_page_values<false>(o, a, v_half, desc);
+        jh::wgmma_commit();
+      }
+      jh::wgmma_wait<0>();
+      jh::fence_regs(s);
+      jh::fence_regs(o);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) s[i] = static_cast<float>((tid * 7 + i * 13) % 61) * 0.25f;
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    const uint32_t p_tile = base + kSmemP;
+    const float scale_log2 = 0.0625f;
+    float m_run[2] = {-INFINITY, -INFINITY};
+    float l_run[2] = {0.f, 0.f};
+    const long long begin = clock64();
+    for (int rep = 0; rep < kSoftmaxReps; ++rep) {
+      jh::fence_regs(s);  // a fresh page's scores, as far as the compiler knows
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[4 * j + e]);
+      }
+      float offset[2], alpha[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        if (kForm != kSoftmaxNoShuffles) {
+          mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+          mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+        }
+        const float m_new = fmaxf(m_run[i], mx[i]);
+        alpha[i] = exp2f((m_run[i] - m_new) * scale_log2);
+        offset[i] = m_new * scale_log2;
+        m_run[i] = m_new;
+      }
+      float rsum[2] = {0.f, 0.f};
+      uint32_t packed[16];
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        float pv[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float x = fmaf(s[2 * j + e], scale_log2, -offset[(j & 1)]);
+          float y;
+          if (kForm == kExpPolynomial || (kForm == kExpHalfPolynomial && e == 1)) {
+            y = exp2_polynomial(x);
+          } else {
+            asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+          }
+          pv[e] = y;
+          rsum[j & 1] += y;
+        }
+        __nv_bfloat162 v = __floats2bfloat162_rn(pv[0], pv[1]);
+        packed[j] = *reinterpret_cast<uint32_t*>(&v);
+      }
+#pragma unroll
+      for (int v = 0; v < 4 && kForm != kSoftmaxNoStores; ++v) {
+        const uint32_t step[4] = {packed[4 * v], packed[4 * v + 1], packed[4 * v + 2],
+                                  packed[4 * v + 3]};
+        const int matrix = lane >> 3;  // the P tile's layout, as the seesaw's p_tile_row
+        const int row = lane & 7;
+        const int chunk = 2 * v + (matrix >> 1);
+        jax_flashmla::stmatrix_x4(
+            p_tile + (warp * 16 + (matrix & 1) * 8 + row) * 128 + ((chunk ^ row) << 4), step);
+      }
+      if (kForm != kSoftmaxNoStores) {
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      } else {
+#pragma unroll
+        for (int j = 0; j < 16; ++j) rsum[j & 1] += __uint_as_float(packed[j]) * 1e-30f;
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rsum[i];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) s[i] += l_run[i & 1] * 1e-9f;  // the next page depends on this
+    }
+    const long long end = clock64();
+    if (tid == 0) cycles[blockIdx.x] = (end - begin) / kSoftmaxReps;
+  }
+  keep_alive(s, o, sink);
+}
+
 // Times `launch` (three runs, the best) for `flop` floating-point operations and prints TFLOPS.
 template <typename Launch>
 void time_case(const char* name, int gap_cycles, double flop, Launch&& launch) {
@@ -390,6 +552,36 @@ void run_case(const char* name, const uint8_t* copy_src, size_t copy_span, int s
   time_case(name, softmax_cycles, flop, [&] {
     kernel<<<sms, 256, kSmemBytes>>>(copy_src, copy_span, softmax_cycles, sink);
   });
+}
+
+// Runs softmax_under_wgmma_kernel three times and prints warpgroup 0's cycles per page (the mean
+// over the SMs of the best run).
+template <SoftmaxForm kForm, Busy kBusy>
+void softmax_case(long long* cycles, float* sink, int sms) {
+  static const char* const kFormNames[] = {"as the kernel", "exponentials by polynomial",
+                                           "every other one by polynomial", "no P tile stores",
+                                           "no shuffles"};
+  static const char* const kBusyNames[] = {"idles", "runs S (Q, K in smem)",
+                                           "runs S (Q in registers)", "runs P V (P in registers)",
+                                           "runs FMAs (no wgmma)"};
+  auto kernel = softmax_under_wgmma_kernel<kBusy, kForm>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  long long best = -1;
+  for (int rep = 0; rep < 3; ++rep) {
+    kernel<<<sms, 256, kSmemBytes>>>(cycles, sink);
+    const cudaError_t err = cudaDeviceSynchronize();
+    if (err != cudaSuccess) {
+      std::printf("softmax case: %s\n", cudaGetErrorString(err));
+      std::exit(1);
+    }
+    long long host[1024];
+    cudaMemcpy(host, cycles, sms * sizeof(long long), cudaMemcpyDeviceToHost);
+    long long sum = 0;
+    for (int i = 0; i < sms; ++i) sum += host[i];
+    if (best < 0 || sum / sms < best) best = sum / sms;
+  }
+  std::printf("softmax of one page, %-29s other warpgroup %-26s %5lld cycles\n",
+              kFormNames[kForm], kBusyNames[kBusy], best);
 }
 
 }  // namespace
@@ -433,6 +625,28 @@ int main() {
     time_case("seesaw coupling (barriers A, B, D)", gap, pair_flop * kPagesPerRun * sms,
               [&] { coupled_kernel<<<sms, 256, kSmemBytes>>>(gap, sink); });
   }
+  long long* cycles = nullptr;
+  cudaMalloc(&cycles, sms * sizeof(long long));
+  softmax_case<kSoftmaxAsKernel, kBusyNone>(cycles, sink, sms);
+  softmax_case<kSoftmaxAsKernel, kBusyScores>(cycles, sink, sms);
+  softmax_case<kSoftmaxAsKernel, kBusyScoresQInRegisters>(cycles, sink, sms);
+  softmax_case<kSoftmaxAsKernel, kBusyValues>(cycles, sink, sms);
+  softmax_case<kSoftmaxAsKernel, kBusyAlu>(cycles, sink, sms);
+  softmax_case<kExpPolynomial, kBusyNone>(cycles, sink, sms);
+  softmax_case<kExpPolynomial, kBusyScores>(cycles, sink, sms);
+  softmax_case<kExpPolynomial, kBusyScoresQInRegisters>(cycles, sink, sms);
+  softmax_case<kExpPolynomial, kBusyValues>(cycles, sink, sms);
+  softmax_case<kExpPolynomial, kBusyAlu>(cycles, sink, sms);
+  softmax_case<kExpHalfPolynomial, kBusyNone>(cycles, sink, sms);
+  softmax_case<kExpHalfPolynomial, kBusyScores>(cycles, sink, sms);
+  softmax_case<kExpHalfPolynomial, kBusyValues>(cycles, sink, sms);
+  softmax_case<kSoftmaxNoStores, kBusyNone>(cycles, sink, sms);
+  softmax_case<kSoftmaxNoStores, kBusyScores>(cycles, sink, sms);
+  softmax_case<kSoftmaxNoStores, kBusyValues>(cycles, sink, sms);
+  softmax_case<kSoftmaxNoShuffles, kBusyNone>(cycles, sink, sms);
+  softmax_case<kSoftmaxNoShuffles, kBusyScores>(cycles, sink, sms);
+  softmax_case<kSoftmaxNoShuffles, kBusyValues>(cycles, sink, sms);
+  cudaFree(cycles);
   cudaFree(src);
   cudaFree(sink);
   return 0;
