@@ -379,7 +379,7 @@ enum SoftmaxForm {
 };
 
 // 2^x on the FMA and integer pipes (no MUFU), for the x <= 0 of a softmax: round x to n, a degree-5
-// polynomial for 2^(x - n) on [-0.5, 0.5] (Taylor, relative error < 3e-6), n added to the
+// polynomial for 2^(x - n) on [-0.5, 0.5] (Taylor, relative error < 4e-6), n added to the
 // exponent bits. x is clamped at -126 (the result is then ~1e-38, not 0: a kernel would have to
 // map -inf to 0 itself).
 __device__ __forceinline__ float exp2_polynomial(float x) {
