@@ -25,9 +25,9 @@
 #include <type_traits>
 
 #include "hopper/barrier.h"
+#include "hopper/p_tile.h"
 #include "hopper/traits.h"
 #include "hopper/wgmma.h"
-#include "smem_matrix.h"
 
 namespace jh = jax_flashmla::hopper;
 
@@ -469,9 +469,9 @@ __global__ void __launch_bounds__(256, 1) softmax_under_wgmma_kernel(long long* 
         m_run[i] = m_new;
       }
       float rsum[2] = {0.f, 0.f};
-      uint32_t packed[16];
+      uint32_t packed[jh::kPFragRegs];
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
+      for (int j = 0; j < jh::kPFragRegs; ++j) {
         float pv[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
@@ -488,21 +488,12 @@ __global__ void __launch_bounds__(256, 1) softmax_under_wgmma_kernel(long long* 
         __nv_bfloat162 v = __floats2bfloat162_rn(pv[0], pv[1]);
         packed[j] = *reinterpret_cast<uint32_t*>(&v);
       }
-#pragma unroll
-      for (int v = 0; v < 4 && kForm != kSoftmaxNoStores; ++v) {
-        const uint32_t step[4] = {packed[4 * v], packed[4 * v + 1], packed[4 * v + 2],
-                                  packed[4 * v + 3]};
-        const int matrix = lane >> 3;  // the P tile's layout, as the seesaw's p_tile_row
-        const int row = lane & 7;
-        const int chunk = 2 * v + (matrix >> 1);
-        jax_flashmla::stmatrix_x4(
-            p_tile + (warp * 16 + (matrix & 1) * 8 + row) * 128 + ((chunk ^ row) << 4), step);
-      }
+      if (kForm != kSoftmaxNoStores) jh::store_p_tile(p_tile, packed, warp, lane);
       if (kForm != kSoftmaxNoStores) {
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       } else {
 #pragma unroll
-        for (int j = 0; j < 16; ++j) rsum[j & 1] += __uint_as_float(packed[j]) * 1e-30f;
+        for (int j = 0; j < jh::kPFragRegs; ++j) rsum[j & 1] += __uint_as_float(packed[j]) * 1e-30f;
       }
 #pragma unroll
       for (int i = 0; i < 2; ++i) l_run[i] = l_run[i] * alpha[i] + rsum[i];

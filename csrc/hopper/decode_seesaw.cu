@@ -76,6 +76,7 @@
 #include <cstdint>
 
 #include "decode_common.h"
+#include "p_tile.h"
 #include "smem_matrix.h"
 #include "schedules.h"
 #include "wgmma.h"
@@ -85,7 +86,6 @@ namespace hopper {
 namespace {
 
 constexpr int kPageScores = kBlockN / 2;  // fp32 registers per thread for a 64 x 64 S
-constexpr int kPFragRegs = kBlockN / 4;   // 32-bit registers per thread for a 64 x 64 P
 
 // Issues steps [kFirstStep, kEndStep) of S = Q K^T for the 64 tokens of the page in K stage
 // kStage (k = 576: 9 boxes of 4 k16 steps, one step per box here) as one commit group, each load
@@ -264,30 +264,6 @@ __device__ __forceinline__ void pack_p(const float (&s)[kPageScores], uint32_t (
       const int idx = 4 * (2 * v + (r >> 1)) + 2 * (r & 1);
       a[4 * v + r] = pack2<kBf16>(s[idx], s[idx + 1]);
     }
-  }
-}
-
-// P tiles in shared memory, the A operand of a P V wgmma from shared memory: 64 rows x 64 tokens,
-// K-major, 128B-swizzled like a TMA box (element (r, t) at r * 128 + ((t / 8) ^ (r % 8)) * 16 +
-// (t % 8) * 2). A warp moves its 16 rows with one stmatrix / ldmatrix .x4 per k16 step v: the
-// four 8 x 8 matrices are the step's fragment registers (rows 0-7 / 8-15 of the warp's, tokens
-// 16v.. / 16v + 8.., i.e. register r of the step is on row r % 2, as pack_p packs them), and
-// lane l gives the address of row l % 8 of matrix l / 8. Within a warp the 8 rows of a matrix hit
-// 8 distinct 16-byte slots.
-__device__ __forceinline__ uint32_t p_tile_row(uint32_t tile, int warp, int lane, int v) {
-  const int matrix = lane >> 3;
-  const int row_in_8 = lane & 7;
-  const int chunk = 2 * v + (matrix >> 1);
-  return tile + (warp * 16 + (matrix & 1) * 8 + row_in_8) * 128 + ((chunk ^ row_in_8) << 4);
-}
-
-// Stores a packed P fragment (pack_p) into a P tile.
-__device__ __forceinline__ void store_p_tile(uint32_t tile, const uint32_t (&a)[kPFragRegs],
-                                             int warp, int lane) {
-#pragma unroll
-  for (int v = 0; v < kPFragRegs / 4; ++v) {
-    const uint32_t step[4] = {a[4 * v], a[4 * v + 1], a[4 * v + 2], a[4 * v + 3]};
-    stmatrix_x4(p_tile_row(tile, warp, lane, v), step);
   }
 }
 
