@@ -28,8 +28,8 @@ def stamps(pair, first, values):
     padded = values + [-1] * (56 - len(values))
     lines = [f"TIMELINE pair {pair} {first[0]} {first[1]}"]
     for chunk in range(0, 56, 14):
-        values = " ".join(map(str, padded[chunk:chunk + 14]))
-        lines.append(f"TIMELINE events {pair} {chunk} {values}")
+        chunk_text = " ".join(map(str, padded[chunk:chunk + 14]))
+        lines.append(f"TIMELINE events {pair} {chunk} {chunk_text}")
     return lines
 
 
