@@ -5,6 +5,14 @@
 // lse = m + log(sum w), out = sum (w_i / sum w) * O_i. Unsplit sequences were written by the main
 // kernel and are skipped here.
 //
+// The partial outputs are dead once merged, and most are still in L2 (the main kernel wrote them
+// moments ago, and streams the cache with an evict-first hint): combine_kernel drops the lines it
+// read with discard.global.L2 once their values reached its stores, so that they are never
+// written back to memory. The next call's main kernel would otherwise pay for the write-back
+// beside its own stream: measured 3% of a call on one-tile rows with many split rows, 1-1.6% on
+// the multi-tile rows at b = 128 (docs/kernel-notes.md, session 14). combine_pieces_kernel (small
+// batches, a few MB of partials) does not: unmeasured there, and it would cost it 11 registers.
+//
 // Work shape, by the number of rows in the launch (batch x h_kv x rows per KV head):
 //  * many (>= 2048: a large batch, few pieces per split sequence, 2-3): a block's 8 warps take 8
 //    rows, one each, a warp covering its row's 512 columns (16 per lane, float4 loads);
@@ -31,6 +39,15 @@ constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kVectorWidth = 4;  // float4 loads of the partial outputs
 constexpr int64_t kManyRows = 2048;  // from here on, a row per warp
 constexpr int64_t kFewRows = 128;    // below this, combine_pieces_kernel
+constexpr int kL2LineBytes = 128;
+constexpr int kFloatsPerL2Line = kL2LineBytes / sizeof(float);
+constexpr int kPartialRowLines = kHeadDimV * sizeof(float) / kL2LineBytes;  // 16
+
+// Drops the 128-byte L2 line at `address` (aligned) without writing it back: its memory is
+// undefined afterwards, until written again.
+__device__ __forceinline__ void discard_l2(const float* address) {
+  asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(address) : "memory");
+}
 
 template <typename T>
 __device__ T from_float(float value);
@@ -165,6 +182,15 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const MlaDecodeParams
       }
     }
     if (lane == 0) *lse = row_lse;
+  }
+  // The partial rows this warp read are dead: their values reached the stores above.
+  if (slots_valid) {
+    __syncwarp();
+    for (int piece = piece_group; piece < num_pieces; piece += kWarpsPerRow) {
+      if (lane < kPartialRowLines) {
+        discard_l2(params.o_accum + slot_row(piece) * kHeadDimV + lane * kFloatsPerL2Line);
+      }
+    }
   }
 }
 
