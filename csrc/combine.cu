@@ -9,7 +9,7 @@
 // moments ago, and streams the cache with an evict-first hint): combine_kernel drops the lines it
 // read with discard.global.L2 once their values reached its stores, so that they are never
 // written back to memory. The next call's main kernel would otherwise pay for the write-back
-// beside its own stream: measured 3% of a call on one-tile rows with many split rows, 1-1.6% on
+// beside its own stream: measured 3% of a call on one-tile rows with many split rows, 0.8-1.6% on
 // the multi-tile rows at b = 128 (docs/kernel-notes.md, session 14). combine_pieces_kernel (small
 // batches, a few MB of partials) does not: unmeasured there, and it would cost it 11 registers.
 //
