@@ -36,6 +36,10 @@ import sys
 
 import numpy as np
 
+# The same decode calls and options as the seesaw's timeline (both tools sit in tools/, which is
+# first on the path).
+from seesaw_timeline import add_decode_arguments, run_decode
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KERNELS = {"decode_hopper.cu": 0, "decode_seesaw.cu": 1}  # file -> kind printed in its records
 MAX_CTAS = 1024
@@ -197,36 +201,13 @@ def report(calls: list[dict[int, Cta]], label: str = "") -> str:
     return "\n".join(out)
 
 
-def run_decode(args) -> None:
-    """Child process: the decode calls whose records the instrumented build prints."""
-    import jax
-
-    import jax_flashmla
-    from jax_flashmla.bench import Shape, decode_fn, make_problem
-
-    problem = make_problem(Shape(args.batch, args.seqlen, args.heads, args.seqlen_q))
-    metadata, splits = jax.jit(jax_flashmla.get_mla_metadata, static_argnums=(1, 2))(
-        problem.cache_seqlens, args.seqlen_q * args.heads, 1)
-    decode = jax.jit(decode_fn("hopper"))
-    for call in range(args.calls):
-        copy = problem.copies[call % len(problem.copies)]
-        jax.block_until_ready(decode(problem.cache_seqlens, metadata, splits, *copy))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     rewrite = commands.add_parser("instrument", help="copy the repository, add the clocks")
     rewrite.add_argument("destination", type=pathlib.Path)
     run = commands.add_parser("run", help="decode with an instrumented build and report")
-    run.add_argument("--batch", type=int, default=128)
-    run.add_argument("--seqlen", type=int, default=4096, help="mean length (varlen, as bench)")
-    run.add_argument("--heads", type=int, default=128)
-    run.add_argument("--seqlen-q", type=int, default=2)
-    run.add_argument("--calls", type=int, default=6, help="decode calls; the first is not timed")
-    run.add_argument("--log", help="read this saved log instead of running")
-    run.add_argument("--save", help="also write the run's log to this file")
-    run.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_decode_arguments(run, 6, "decode calls; the first is not timed")
     args = parser.parse_args()
     if args.command == "instrument":
         instrument(args.destination)

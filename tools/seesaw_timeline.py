@@ -170,16 +170,21 @@ def run_decode(args) -> None:
         jax.block_until_ready(decode(problem.cache_seqlens, metadata, splits, *copy))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_decode_arguments(parser: argparse.ArgumentParser, calls: int, calls_help: str) -> None:
+    """The decode's shape (run_decode's), and how a run is made or read back (with cta_clocks.py)."""
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=4096, help="mean length (varlen, as bench)")
     parser.add_argument("--heads", type=int, default=128)
     parser.add_argument("--seqlen-q", type=int, default=2)
-    parser.add_argument("--calls", type=int, default=3, help="decode calls; the last is reported")
+    parser.add_argument("--calls", type=int, default=calls, help=calls_help)
     parser.add_argument("--log", help="read this saved log instead of running")
     parser.add_argument("--save", help="also write the run's log to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_decode_arguments(parser, 3, "decode calls; the last is reported")
     args = parser.parse_args()
     if args.child:
         run_decode(args)
