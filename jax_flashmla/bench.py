@@ -166,25 +166,33 @@ MAIN_KERNEL = "mla_decode"
 CALL_KERNELS = (MAIN_KERNEL, "combine")
 
 
-def call_spans_ns(events) -> list[float]:
-    """Durations of the decode calls in a trace's kernel events, (name, start_ns, end_ns) in any
-    order: a call runs from the start of a main kernel to the end of the last of our kernels
-    before the next main kernel. Other kernels (XLA fusions between calls) are ignored; an event
+def calls_in_trace(events) -> list[tuple[tuple[int, int], list[tuple[int, int]]]]:
+    """The decode calls in a trace's kernel events, (name, start_ns, end_ns) in any order: each is
+    its main kernel's (start, end) and the (start, end) of our kernels behind it up to the next
+    main kernel (the combine). Other kernels (XLA fusions between calls) are ignored; an event
     seen twice (on two lines of the trace) counts once."""
     ours = sorted({(start, end, name) for name, start, end in events
                    if any(kernel in name for kernel in CALL_KERNELS)})
-    spans = []
+    calls = []
     for start, end, name in ours:
         if MAIN_KERNEL in name:
-            spans.append([start, end])
-        elif spans:
-            spans[-1][1] = max(spans[-1][1], end)
-    return [end - start for start, end in spans]
+            calls.append(((start, end), []))
+        elif calls:
+            calls[-1][1].append((start, end))
+    return calls
 
 
-def traced_time_per_call(op, lengths, shared, rotating, calls: int = 40) -> float | None:
-    """Seconds per call of `op` from a profiler trace of `calls` chained calls (call_spans_ns),
-    median over the calls; None when the trace holds no kernel of ours (no GPU, or no CUPTI)."""
+def call_spans_ns(events) -> list[float]:
+    """Durations of the decode calls in a trace's kernel events (calls_in_trace): from the start
+    of a main kernel to the end of the last of our kernels behind it."""
+    return [max([main_end] + [end for _, end in behind]) - main_start
+            for (main_start, main_end), behind in calls_in_trace(events)]
+
+
+def traced_kernel_events(op, lengths, shared, rotating,
+                         calls: int = 40) -> list[tuple[str, int, int]] | None:
+    """(name, start_ns, end_ns) of every kernel on the device in a profiler trace of `calls`
+    chained calls of `op` (compiled and run once before); None when no trace was written."""
     program = _chained_calls(op, calls)
     program(lengths, shared, rotating).block_until_ready()  # compiled and warm before tracing
     with tempfile.TemporaryDirectory() as logdir:
@@ -194,10 +202,16 @@ def traced_time_per_call(op, lengths, shared, rotating, calls: int = 40) -> floa
         if not paths:
             return None
         data = jax.profiler.ProfileData.from_file(paths[0])
-    events = [(event.name, event.start_ns, event.end_ns)
-              for plane in data.planes if plane.name.startswith("/device:")
-              for line in plane.lines for event in line.events]
-    spans = call_spans_ns(events)
+    return [(event.name, event.start_ns, event.end_ns)
+            for plane in data.planes if plane.name.startswith("/device:")
+            for line in plane.lines for event in line.events]
+
+
+def traced_time_per_call(op, lengths, shared, rotating, calls: int = 40) -> float | None:
+    """Seconds per call of `op` from a profiler trace of `calls` chained calls (call_spans_ns),
+    median over the calls; None when the trace holds no kernel of ours (no GPU, or no CUPTI)."""
+    events = traced_kernel_events(op, lengths, shared, rotating, calls)
+    spans = call_spans_ns(events) if events else []
     return statistics.median(spans) * 1e-9 if spans else None
 
 

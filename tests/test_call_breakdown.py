@@ -13,10 +13,11 @@ import call_breakdown  # noqa: E402  (needs the path above)
 
 def test_breakdown_splits_each_call_into_main_gap_and_combine():
     # Call 1: main 0-100 µs, combine 102-110; call 2: main 120-210, combine 211-215. Times in ns,
-    # out of order; a kernel of someone else's (the chaining fusion) is ignored by the tracer.
-    events = [(211_000, 215_000, "combine_kernel"), (0, 100_000, "mla_decode_seesaw_kernel"),
-              (120_000, 210_000, "mla_decode_seesaw_kernel"), (102_000, 110_000, "combine_kernel")]
-    parts = call_breakdown.breakdown(sorted(events))
+    # out of order; the chaining fusion between the calls is not ours and is left out.
+    events = [("combine_kernel", 211_000, 215_000), ("mla_decode_seesaw_kernel", 0, 100_000),
+              ("loop_add_fusion", 111_000, 119_000),
+              ("mla_decode_seesaw_kernel", 120_000, 210_000), ("combine_kernel", 102_000, 110_000)]
+    parts = call_breakdown.breakdown(events)
     assert parts["main"] == pytest.approx(95.0)      # median of 100 and 90 µs
     assert parts["gap"] == pytest.approx(1.5)        # median of 2 and 1
     assert parts["combine"] == pytest.approx(6.0)    # median of 8 and 4
@@ -24,5 +25,5 @@ def test_breakdown_splits_each_call_into_main_gap_and_combine():
 
 
 def test_a_call_without_combine_is_its_main_kernel():
-    parts = call_breakdown.breakdown([(0, 50_000, "mla_decode_hopper_kernel")])
+    parts = call_breakdown.breakdown([("mla_decode_hopper_kernel", 0, 50_000)])
     assert parts == {"main": 50.0, "gap": 0.0, "combine": 0.0, "call": 50.0}

@@ -14,49 +14,25 @@ main kernel, and how many sequences were split (the combine's work).
 from __future__ import annotations
 
 import argparse
-import glob
-import os
 import statistics
 import sys
-import tempfile
 
 import jax
 import numpy as np
 
 import jax_flashmla
-from jax_flashmla.bench import (CALL_KERNELS, MAIN_KERNEL, TABLES, Shape, _chained_calls,
-                                decode_fn, make_problem)
-
-
-def kernel_events(program, args) -> list[tuple[int, int, str]]:
-    """(start_ns, end_ns, name) of every kernel of ours in one traced run of `program`."""
-    program(*args).block_until_ready()
-    with tempfile.TemporaryDirectory() as logdir:
-        with jax.profiler.trace(logdir):
-            program(*args).block_until_ready()
-        paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
-        data = jax.profiler.ProfileData.from_file(paths[0])
-    return sorted({(event.start_ns, event.end_ns, event.name)
-                   for plane in data.planes if plane.name.startswith("/device:")
-                   for line in plane.lines for event in line.events
-                   if any(kernel in event.name for kernel in CALL_KERNELS)})
+from jax_flashmla.bench import (TABLES, Shape, calls_in_trace, decode_fn, make_problem,
+                                traced_kernel_events)
 
 
 def breakdown(events) -> dict[str, float]:
-    """Median µs of each part of a call; a call is a main kernel and the combines behind it."""
-    calls = []
-    for start, end, name in events:
-        if MAIN_KERNEL in name:
-            calls.append({"main": (start, end), "combine": []})
-        elif calls:
-            calls[-1]["combine"].append((start, end))
+    """Median µs of each part of a call, from a trace's kernel events (name, start_ns, end_ns)."""
     parts = {"main": [], "gap": [], "combine": [], "call": []}
-    for call in calls:
-        main_start, main_end = call["main"]
+    for (main_start, main_end), behind in calls_in_trace(events):
         parts["main"].append(main_end - main_start)
-        if call["combine"]:
-            first = min(start for start, _ in call["combine"])
-            last = max(end for _, end in call["combine"])
+        if behind:
+            first = min(start for start, _ in behind)
+            last = max(end for _, end in behind)
             parts["gap"].append(first - main_end)
             parts["combine"].append(last - first)
             parts["call"].append(last - main_start)
@@ -93,9 +69,12 @@ def main() -> int:
         metadata, splits = jax.jit(jax_flashmla.get_mla_metadata, static_argnums=(1, 2))(
             problem.cache_seqlens, shape.seqlen_q * shape.heads_q, 1)
         pieces = np.diff(np.asarray(splits))
-        program = _chained_calls(decode_fn("hopper"), args.calls)
-        parts = breakdown(kernel_events(program, (problem.cache_seqlens, (metadata, splits),
-                                                  problem.copies)))
+        events = traced_kernel_events(decode_fn("hopper"), problem.cache_seqlens,
+                                      (metadata, splits), problem.copies, args.calls)
+        if not calls_in_trace(events or []):
+            print("the trace holds no decode kernel (is CUPTI available?)", file=sys.stderr)
+            return 1
+        parts = breakdown(events)
         outside = 1 - parts["main"] / parts["call"]
         print(f"| {shape.batch} | {shape.seqlen_k} | {shape.heads_q} | {shape.seqlen_q} "
               f"| {parts['main']:.1f} | {parts['gap']:.1f} | {parts['combine']:.1f} "

@@ -44,6 +44,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 KERNELS = {"decode_hopper.cu": 0, "decode_seesaw.cu": 1}  # file -> kind printed in its records
 MAX_CTAS = 1024
 MAX_PIECES = 24
+# Tokens a page (jax_flashmla._constants.PAGE_SIZE, not imported: instrument and --log run
+# without the package installed).
+PAGE_SIZE = 64
 
 RECORDS = f"""namespace {{
 // ---- per-CTA clocks (tools/cta_clocks.py) ----
@@ -148,8 +151,9 @@ def parse(lines) -> list[dict[int, Cta]]:
     return calls
 
 
-def pages(first_token: int, end_token: int, page_size: int = 64) -> int:
-    return max(math.ceil(end_token / page_size) - first_token // page_size, 0)
+def pages(first_token: int, end_token: int) -> int:
+    """Pages of the tokens [first_token, end_token): the pages a piece loads."""
+    return max(math.ceil(end_token / PAGE_SIZE) - first_token // PAGE_SIZE, 0)
 
 
 def span_us(call: dict[int, Cta]) -> float:
@@ -194,7 +198,8 @@ def report(calls: list[dict[int, Cta]], label: str = "") -> str:
            f"{c * 1e3:.0f} ns for an odd page count, {d * 1e3:.0f} ns more for a CTA's first "
            f"piece; residual sd {residual * 1e3:.0f} ns over {count} pieces"]
     for index, cta in sorted(call.items(), key=lambda item: item[1].pieces[-1][3])[-3:]:
-        pieces = " ".join(f"s{seq}[{first // 64}:{math.ceil(end / 64)}]@{(t - start) / 1e3:.1f}"
+        pieces = " ".join(f"s{seq}[{first // PAGE_SIZE}:{first // PAGE_SIZE + pages(first, end)}]"
+                          f"@{(t - start) / 1e3:.1f}"
                           for seq, first, end, t in cta.pieces)
         out.append(f"  late CTA {index} (SM {cta.sm}, start {(cta.start_ns - start) / 1e3:.1f}): "
                    f"{pieces}")
