@@ -10,8 +10,10 @@
 // read with discard.global.L2 once their values reached its stores, so that they are never
 // written back to memory. The next call's main kernel would otherwise pay for the write-back
 // beside its own stream: measured 3% of a call on one-tile rows with many split rows, 0.8-1.6% on
-// the multi-tile rows at b = 128 (docs/kernel-notes.md, session 14). combine_pieces_kernel (small
-// batches, a few MB of partials) does not: unmeasured there, and it would cost it 11 registers.
+// the multi-tile rows at b = 128 (docs/kernel-notes.md, session 14). Only the row-per-warp shape
+// does: with a block per row (many pieces a row) the discards cost more than they saved, 2-4% of
+// a call at b = 1 and 8, h_q 128 (session 15), and combine_pieces_kernel (a few MB of partials)
+// was never measured with them (they would cost it 11 registers).
 //
 // Work shape, by the number of rows in the launch (batch x h_kv x rows per KV head):
 //  * many (>= 2048: a large batch, few pieces per split sequence, 2-3): a block's 8 warps take 8
@@ -183,8 +185,10 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const MlaDecodeParams
     }
     if (lane == 0) *lse = row_lse;
   }
-  // The partial rows this warp read are dead: their values reached the stores above.
-  if (slots_valid) {
+  // The partial rows this warp read are dead: their values reached the stores above. Only where
+  // a warp takes a whole row (large batches, 2-3 pieces a row): with a block per row (b = 1..8,
+  // ~17-132 pieces a row) dropping them measured 2-4% slower (kernel-notes.md, session 15).
+  if (kWarpsPerRow == 1 && slots_valid) {
     __syncwarp();
     for (int piece = piece_group; piece < num_pieces; piece += kWarpsPerRow) {
       if (lane < kPartialRowLines) {

@@ -133,15 +133,57 @@ def test_hopper_and_portable_kernels_agree():
     assert_close(*run(case, "hopper"), *run(case, "portable"), ml_dtypes.bfloat16)
 
 
-def test_repeated_runs_are_bitwise_identical(kernel):
+@pytest.mark.parametrize("seqlen_q,heads_q", [(2, 128), (1, 64)], ids=["seesaw", "split"])
+def test_repeated_runs_are_bitwise_identical(kernel, monkeypatch, seqlen_q, heads_q):
+    monkeypatch.delenv(SCHEDULE_VARIABLE, raising=False)
     rng = np.random.default_rng()
-    case = make_case(rng, batch=16, seqlen_q=2, heads_q=128, causal=True,
+    case = make_case(rng, batch=16, seqlen_q=seqlen_q, heads_q=heads_q, causal=True,
                      lengths=random_lengths(rng, 16, 5000))
     first = run(case, kernel)
     for _ in range(3):
         again = run(case, kernel)
         np.testing.assert_array_equal(first[0].view(np.uint16), again[0].view(np.uint16))
         np.testing.assert_array_equal(first[1].view(np.uint32), again[1].view(np.uint32))
+
+
+def hand_made_schedule(lengths, partitions, num_sm_parts):
+    """Scheduler metadata for the given partitions, (begin_seq, begin_token, end_seq, end_token
+    or None for the sequence's length) in order and covering every token, followed by empty
+    ones up to num_sm_parts; and the matching num_splits (mla_params.h's contract)."""
+    batch = len(lengths)
+    metadata = np.zeros((num_sm_parts, 8), np.int32)
+    metadata[:, 0] = batch  # begin_seq past the batch: no work
+    pieces = np.zeros(batch, np.int32)
+    for index, (begin_seq, begin_token, end_seq, end_token) in enumerate(partitions):
+        end_token = lengths[end_seq] if end_token is None else end_token
+        metadata[index, :5] = begin_seq, begin_token, end_seq, end_token, pieces[begin_seq]
+        pieces[begin_seq:end_seq + 1] += 1
+    return jnp.asarray(metadata), jnp.asarray(np.concatenate([[0], np.cumsum(pieces)]),
+                                              jnp.int32)
+
+
+@pytest.mark.parametrize("partitions,bad_page", [
+    ([(0, 0, 2, None)], None),
+    ([(0, 0, 1, 2048), (1, 2048, 2, None)], None),
+    ([(0, 0, 1, 2048), (1, 2048, 2, None)], (1, 20)),
+], ids=["one-busy-partition", "split", "split-bad-page"])
+@pytest.mark.parametrize("seqlen_q,causal", [(1, False), (2, True)], ids=["s_q1", "s_q2-causal"])
+def test_a_schedule_from_elsewhere_with_idle_partitions(kernel, monkeypatch, partitions, bad_page,
+                                                        seqlen_q, causal):
+    # Metadata is an input: any schedule that keeps mla_params.h's contract must decode right,
+    # here one or two busy partitions (several sequences each, one of them split across both,
+    # with a bad block id in its first piece or not) and six that have no work.
+    monkeypatch.setenv(SCHEDULE_VARIABLE, "split")
+    rng = np.random.default_rng()
+    lengths = [300, 2900, 6000]
+    case = make_case(rng, batch=3, seqlen_q=seqlen_q, heads_q=16, causal=causal, lengths=lengths)
+    if bad_page is not None:
+        case.block_table[bad_page] = -5
+    out, lse = run(case, kernel, *hand_made_schedule(lengths, partitions, num_sm_parts=8))
+    want_out, want_lse = oracle(case)
+    assert np.isfinite(want_out[2]).all()
+    assert np.isnan(want_out[1]).all() == (bad_page is not None)
+    assert_close(out, lse, want_out, want_lse, ml_dtypes.bfloat16)
 
 
 def test_metadata_reused_by_every_layer_in_a_scan(kernel):

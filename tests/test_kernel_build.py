@@ -82,3 +82,11 @@ def test_wgmma_rate_probe_keeps_its_wgmmas_pipelined():
                  for r in reports
                  if r.performance_warnings or r.spill_store_bytes or r.spill_load_bytes]
     assert not offenders, offenders
+
+
+def test_stream_rate_probe_builds_without_spills():
+    # tools/stream_rate.cu measures how fast pages stream from HBM into shared memory; a build
+    # error or a spill would otherwise show up only in the next GPU session.
+    (report,) = ptxas_report.compile_report("tools/stream_rate.cu", "sm_90a")
+    assert ptxas_report.demangled_short(report.kernel).startswith("stream_kernel")
+    assert (report.spill_store_bytes, report.spill_load_bytes) == (0, 0)
