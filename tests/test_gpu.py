@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jax_flashmla
+from jax_flashmla._constants import SCHEDULER_FIELDS
 from jax_flashmla._extension import SCHEDULE_VARIABLE, hopper_schedule
 from jax_flashmla._reference import tile_scheduler_reference
 from mla_cases import assert_close, make_case, oracle, random_lengths
@@ -151,7 +152,7 @@ def hand_made_schedule(lengths, partitions, num_sm_parts):
     or None for the sequence's length) in order and covering every token, followed by empty
     ones up to num_sm_parts; and the matching num_splits (mla_params.h's contract)."""
     batch = len(lengths)
-    metadata = np.zeros((num_sm_parts, 8), np.int32)
+    metadata = np.zeros((num_sm_parts, SCHEDULER_FIELDS), np.int32)
     metadata[:, 0] = batch  # begin_seq past the batch: no work
     pieces = np.zeros(batch, np.int32)
     for index, (begin_seq, begin_token, end_seq, end_token) in enumerate(partitions):

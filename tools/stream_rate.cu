@@ -22,15 +22,22 @@
 #include <vector>
 
 #include "hopper/barrier.h"
+#include "hopper/tma.h"
+#include "hopper/traits.h"
 
 namespace jh = jax_flashmla::hopper;
 
 namespace {
 
-constexpr int kPageBytes = 64 * 576 * 2;  // one 64-token page of the cache
-constexpr int kPieces = 3;                // V half, V half, RoPE box
-__host__ __device__ constexpr int piece_bytes(int piece) { return piece < 2 ? 32 * 1024 : 8 * 1024; }
-constexpr int kMaxStages = 3;             // 3 x 72 KB: what 227 KB of shared memory holds
+constexpr int kPageBytes = jh::kTileBytes;  // one 64-token page of the cache
+// A page's load groups as the kernel issues them: two V halves of four boxes, then the RoPE box.
+__host__ __device__ constexpr int group_bytes(int group) {
+  return group == jh::kGroupRope ? jh::kBoxBytes : jh::kBoxesPerWarpgroupV * jh::kBoxBytes;
+}
+static_assert(group_bytes(jh::kGroupVHalf0) + group_bytes(jh::kGroupVHalf1) +
+                      group_bytes(jh::kGroupRope) == kPageBytes,
+              "the load groups make up the page");
+constexpr int kMaxStages = 3;               // 3 x 72 KB: what 227 KB of shared memory holds
 constexpr int kThreads = 256;
 constexpr int kPoolPages = 8704;          // 627 MB, the benchmark's b 128 s_k 4096 pool + slack
 
@@ -43,20 +50,14 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
       : "memory");
 }
 
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
 __device__ __forceinline__ void issue_page(const uint8_t* pool, int page, uint32_t dst,
                                            uint32_t bar, uint64_t policy) {
   jh::mbar_arrive_expect_tx(bar, kPageBytes);
   const uint8_t* src = pool + static_cast<size_t>(page) * kPageBytes;
   uint32_t offset = 0;
-  for (int piece = 0; piece < kPieces; ++piece) {
-    bulk_load(dst + offset, src + offset, piece_bytes(piece), bar, policy);
-    offset += piece_bytes(piece);
+  for (int group = 0; group < jh::kLoadGroups; ++group) {
+    bulk_load(dst + offset, src + offset, group_bytes(group), bar, policy);
+    offset += group_bytes(group);
   }
 }
 
@@ -74,7 +75,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    policy = evict_first_policy();
+    policy = jh::l2_policy_evict_first();
     for (int st = 0; st < stages && st < pages_per_cta; ++st)
       issue_page(pool, my_pages[st], base + st * kPageBytes, bar_base + 8 * st, policy);
   }
