@@ -21,25 +21,20 @@ import jax
 import numpy as np
 
 import jax_flashmla
-from jax_flashmla.bench import (TABLES, Shape, calls_in_trace, decode_fn, make_problem,
-                                traced_kernel_events)
+from jax_flashmla.bench import (TABLES, Shape, call_spans_ns, calls_in_trace, decode_fn,
+                                make_problem, traced_kernel_events)
 
 
 def breakdown(events) -> dict[str, float]:
     """Median µs of each part of a call, from a trace's kernel events (name, start_ns, end_ns)."""
-    parts = {"main": [], "gap": [], "combine": [], "call": []}
+    parts = {"main": [], "gap": [], "combine": []}
     for (main_start, main_end), behind in calls_in_trace(events):
         parts["main"].append(main_end - main_start)
-        if behind:
-            first = min(start for start, _ in behind)
-            last = max(end for _, end in behind)
-            parts["gap"].append(first - main_end)
-            parts["combine"].append(last - first)
-            parts["call"].append(last - main_start)
-        else:
-            parts["gap"].append(0)
-            parts["combine"].append(0)
-            parts["call"].append(main_end - main_start)
+        first = min((start for start, _ in behind), default=main_end)  # no combine: gap 0
+        last = max((end for _, end in behind), default=main_end)
+        parts["gap"].append(first - main_end)
+        parts["combine"].append(last - first)
+    parts["call"] = call_spans_ns(events)  # the bench's "kernel ms", per call
     return {part: statistics.median(values) / 1e3 for part, values in parts.items()}
 
 
